@@ -1,0 +1,127 @@
+//! In-process validation against its floor: SHA-256 of the raw key plus one
+//! hash-map lookup. Run with `cargo bench -p keysmith --bench validate`.
+
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use keysmith::{CreateKey, Engine, MemoryStore, PolicySpec, RequestContext, SecretHash, Tenant};
+
+/// Keys in the store (override with `KEYSMITH_BENCH_KEYS`, e.g. for profiling).
+fn key_count() -> usize {
+    std::env::var("KEYSMITH_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+fn setup(rt: &tokio::runtime::Runtime) -> (Engine, Vec<String>, Vec<String>) {
+    rt.block_on(async {
+        let engine = Engine::builder(Arc::new(MemoryStore::new())).build();
+        let tenant = Tenant::new("bench", "t").unwrap();
+        let policy = engine
+            .create_policy(
+                &tenant,
+                PolicySpec {
+                    name: "fenced".into(),
+                    allowed_ips: (0..10).map(|i| format!("10.{i}.0.0/16")).collect(),
+                    allowed_origins: (0..10)
+                        .map(|i| format!("https://app{i}.example.com"))
+                        .collect(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let keys = key_count();
+        let mut plain = Vec::with_capacity(keys);
+        let mut fenced = Vec::with_capacity(keys / 2);
+        for i in 0..keys {
+            let policy_id = (i % 2 == 0).then_some(policy.id);
+            let request = CreateKey {
+                name: format!("k{i}"),
+                policy_id,
+                ..Default::default()
+            };
+            let created = engine.create_key(&tenant, request).await.unwrap();
+            let raw = created.raw_key.expose_secret().to_owned();
+            if policy_id.is_some() {
+                fenced.push(raw)
+            } else {
+                plain.push(raw)
+            }
+        }
+        (engine, plain, fenced)
+    })
+}
+
+/// Polls a future that never waits (the memory store does no I/O) to its end,
+/// so the figures are validation's cost and not an executor's.
+fn now<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => panic!("the memory store never waits"),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (engine, plain, fenced) = setup(&rt);
+
+    // The floor: what any validation must do at the least.
+    let map: HashMap<SecretHash, Arc<String>, foldhash::fast::RandomState> = plain
+        .iter()
+        .chain(&fenced)
+        .map(|raw| (SecretHash::of(raw), Arc::new(raw.clone())))
+        .collect();
+    let mut group = c.benchmark_group("validate");
+    let mut i = 0usize;
+    group.bench_function("floor_sha256_plus_hashmap", |b| {
+        b.iter(|| {
+            i = (i + 7919) % plain.len();
+            let hash = SecretHash::of(black_box(&plain[i]));
+            black_box(map.get(&hash).cloned())
+        })
+    });
+
+    let mut i = 0usize;
+    group.bench_function("parse_and_checksum", |b| {
+        b.iter(|| {
+            i = (i + 7919) % plain.len();
+            black_box(keysmith::secret::ParsedKey::parse(black_box(&plain[i])))
+        })
+    });
+    let none = RequestContext::default();
+    let mut i = 0usize;
+    group.bench_function("engine_no_policy", |b| {
+        b.iter(|| {
+            i = (i + 7919) % plain.len();
+            now(engine.validate(black_box(&plain[i]), &none)).unwrap()
+        })
+    });
+
+    // Matches the last CIDR and the last origin: the worst case of the lists.
+    let fenced_ctx = RequestContext {
+        ip: Some("10.9.1.2".parse().unwrap()),
+        origin: Some("https://app9.example.com".into()),
+        ..Default::default()
+    };
+    let mut i = 0usize;
+    group.bench_function("engine_policy_10_cidrs_10_origins", |b| {
+        b.iter(|| {
+            i = (i + 7919) % fenced.len();
+            now(engine.validate(black_box(&fenced[i]), &fenced_ctx)).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,766 @@
+//! The engine: the one place business rules live. Stores keep records, the
+//! server and middleware translate HTTP; every decision is made here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::clock::{Clock, SystemClock, store_precision};
+use crate::duration;
+use crate::error::{Error, Result};
+use crate::hooks::{Failure, Hook, Hooks, run_hooks};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::model::{
+    ApiKey, KeyAction, KeyFilter, KeyState, MAX_SCOPES_PER_KEY, Metadata, Page, PageRequest,
+    Rotation, RotationReason, Scope, Tenant,
+};
+use crate::policy::{self, Policy, PolicySpec, RequestContext};
+use crate::scope::{self, parent_of, validate_scope_name};
+use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
+use crate::store::{KeyUpdate, Lookup, NewRotation, Store};
+
+/// Grace period of a rotation when neither the call nor the policy sets one.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// What to create a key with.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// Human name.
+    pub name: String,
+    /// Optional description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Prefix of the raw key (default `sk`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Environment (default `live`).
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    /// Scopes to grant; unknown names are created for the tenant.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Policy to hold the key to.
+    #[serde(default)]
+    pub policy_id: Option<PolicyId>,
+    /// Expiry; capped by the policy's `max_key_lifetime`.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Free-form metadata.
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// Who is creating it.
+    #[serde(default)]
+    pub created_by: Option<String>,
+}
+
+/// A new key and its raw secret, which is never available again.
+#[derive(Debug)]
+pub struct CreatedKey {
+    /// The secret, to hand to the key's owner once.
+    pub raw_key: RawKey,
+    /// The stored key.
+    pub key: ApiKey,
+}
+
+/// How to rotate a key.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// Why (default `manual`).
+    #[serde(default)]
+    pub reason: RotationReason,
+    /// How long the old secret keeps working: else the policy's grace period,
+    /// else 24 hours; a `compromise` rotation defaults to none.
+    #[serde(default, with = "duration::serde_human::option")]
+    pub grace_period: Option<Duration>,
+    /// Who is rotating it.
+    #[serde(default)]
+    pub rotated_by: Option<String>,
+}
+
+/// A rotated key: its new secret (shown once) and the rotation record.
+#[derive(Debug)]
+pub struct RotatedKey {
+    /// The new secret.
+    pub raw_key: RawKey,
+    /// The key after rotation.
+    pub key: ApiKey,
+    /// The record of the rotation.
+    pub rotation: Rotation,
+}
+
+/// What to create a scope with.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateScope {
+    /// Name (`read:users`).
+    pub name: String,
+    /// Optional description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Parent name; must be an ancestor of the name (default: the name up to
+    /// its last `:`).
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+/// An accepted key.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    /// The key.
+    pub key: Arc<ApiKey>,
+    /// Its policy.
+    pub policy: Option<Arc<Policy>>,
+    /// Set when the presented secret was replaced by a rotation and is still
+    /// within its grace period: when that ends.
+    pub grace_ends: Option<DateTime<Utc>>,
+}
+
+/// Builds an [`Engine`].
+#[derive(Debug)]
+pub struct EngineBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    hooks: Hooks,
+}
+
+impl EngineBuilder {
+    /// Uses `clock` instead of the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Adds a hook; hooks run in the order they were added.
+    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
+    /// The engine.
+    pub fn build(self) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                store: self.store,
+                clock: self.clock,
+                hooks: self.hooks,
+            }),
+        }
+    }
+}
+
+/// The Keysmith engine. Cheap to clone; share one per process.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use std::sync::Arc;
+/// use keysmith::{CreateKey, Engine, MemoryStore, RequestContext, Tenant};
+///
+/// let engine = Engine::builder(Arc::new(MemoryStore::new())).build();
+/// let tenant = Tenant::new("my-app", "acme")?;
+/// let created = engine
+///     .create_key(&tenant, CreateKey { name: "ci".into(), scopes: vec!["read".into()], ..Default::default() })
+///     .await?;
+/// let ctx = RequestContext { required_scopes: vec!["read:users".into()], ..Default::default() };
+/// let valid = engine.validate(created.raw_key.expose_secret(), &ctx).await?;
+/// assert_eq!(valid.key.id, created.key.id);
+/// # Ok::<(), keysmith::Error>(()) });
+/// # fn tokio_test_block<F: std::future::Future<Output = Result<(), keysmith::Error>>>(f: F) {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f).unwrap()
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    hooks: Hooks,
+}
+
+impl Engine {
+    /// Starts building an engine over `store`.
+    pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            hooks: Hooks::default(),
+        }
+    }
+
+    /// The store behind the engine.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        store_precision(self.inner.clock.now())
+    }
+
+    fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
+    }
+
+    // ------------------------------------------------------------------ keys
+
+    /// Creates a key and returns its raw secret, once.
+    pub async fn create_key(&self, tenant: &Tenant, request: CreateKey) -> Result<CreatedKey> {
+        let result = self.create_key_inner(tenant, request).await;
+        match &result {
+            Ok(created) => run_hooks!(self.hooks(), "key_created", |h| h.key_created(&created.key)),
+            Err(error) => {
+                let failure = Failure {
+                    tenant: Some(tenant),
+                    key: None,
+                    error,
+                };
+                run_hooks!(self.hooks(), "key_create_failed", |h| h
+                    .key_create_failed(failure));
+            }
+        }
+        result
+    }
+
+    async fn create_key_inner(&self, tenant: &Tenant, request: CreateKey) -> Result<CreatedKey> {
+        check_tenant(tenant)?;
+        policy::check_name("name", &request.name)?;
+        policy::check_description(request.description.as_deref())?;
+        policy::check_metadata(&request.metadata)?;
+        check_created_by(request.created_by.as_deref())?;
+        let prefix = request.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        validate_prefix(&prefix)?;
+        let environment = request.environment.unwrap_or_default();
+        let scopes = normalize_scopes("scopes", request.scopes)?;
+        let now = self.now();
+        let policy = match &request.policy_id {
+            Some(id) => Some(self.inner.store.get_policy(tenant, id).await?),
+            None => None,
+        };
+        if let Some(policy) = &policy {
+            policy.check_scopes_allowed(&scopes)?;
+        }
+        let expires_at = effective_expiry(request.expires_at, now, policy.as_ref(), now)?;
+        let raw_key = RawKey::generate(&prefix, &environment)?;
+        let key = ApiKey {
+            id: KeyId::new(),
+            app_id: tenant.app_id.clone(),
+            tenant_id: tenant.tenant_id.clone(),
+            name: request.name,
+            description: request.description,
+            prefix,
+            hint: raw_key.hint(),
+            hash: raw_key.hash(),
+            environment,
+            state: KeyState::Active,
+            policy_id: request.policy_id,
+            scopes,
+            metadata: request.metadata,
+            created_by: request.created_by,
+            expires_at,
+            last_used_at: None,
+            rotated_at: None,
+            revoked_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.inner.store.create_key(&key).await?;
+        Ok(CreatedKey { raw_key, key })
+    }
+
+    /// One key of the tenant.
+    pub async fn get_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey> {
+        self.inner.store.get_key(tenant, id).await
+    }
+
+    /// The tenant's keys, newest first.
+    pub async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
+        filter.page.check()?;
+        self.inner.store.list_keys(tenant, filter).await
+    }
+
+    /// Changes a key's name, description, metadata, policy or expiry. The
+    /// policy's rules apply: its scope cap to the key's scopes, its maximum
+    /// lifetime (from the key's creation) to the expiry.
+    pub async fn update_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        mut update: KeyUpdate,
+    ) -> Result<ApiKey> {
+        if let Some(name) = &update.name {
+            policy::check_name("name", name)?;
+        }
+        if let Some(description) = &update.description {
+            policy::check_description(description.as_deref())?;
+        }
+        if let Some(metadata) = &update.metadata {
+            policy::check_metadata(metadata)?;
+        }
+        let now = self.now();
+        if update.policy_id.is_some() || update.expires_at.is_some() {
+            let key = self.inner.store.get_key(tenant, id).await?;
+            let policy_id = update.policy_id.unwrap_or(key.policy_id);
+            let policy = match &policy_id {
+                Some(pid) => Some(self.inner.store.get_policy(tenant, pid).await?),
+                None => None,
+            };
+            if let Some(policy) = &policy {
+                policy.check_scopes_allowed(&key.scopes)?;
+            }
+            let requested = update.expires_at.unwrap_or(key.expires_at);
+            let expiry = effective_expiry(requested, key.created_at, policy.as_ref(), now)?;
+            if expiry != key.expires_at {
+                update.expires_at = Some(expiry);
+            }
+        }
+        self.inner.store.update_key(tenant, id, &update, now).await
+    }
+
+    /// Deletes a key and its history.
+    pub async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()> {
+        self.inner.store.delete_key(tenant, id).await
+    }
+
+    /// Issues a new secret for the key. The old secret keeps validating until
+    /// the grace period ends.
+    pub async fn rotate_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        request: RotateKey,
+    ) -> Result<RotatedKey> {
+        check_created_by(request.rotated_by.as_deref())?;
+        let key = self.inner.store.get_key(tenant, id).await?;
+        let policy_grace = match &key.policy_id {
+            Some(pid) => {
+                self.inner
+                    .store
+                    .get_policy(tenant, pid)
+                    .await?
+                    .spec
+                    .grace_period
+            }
+            None => None,
+        };
+        let grace_period = match (request.grace_period, request.reason) {
+            (Some(grace), _) => grace,
+            (None, RotationReason::Compromise) => Duration::ZERO,
+            (None, _) => policy_grace.unwrap_or(DEFAULT_GRACE_PERIOD),
+        };
+        if grace_period > duration::MAX {
+            return Err(Error::invalid_input(
+                "grace_period",
+                "must be at most 100 years",
+            ));
+        }
+        let raw_key = RawKey::generate(&key.prefix, &key.environment)?;
+        let rotation = NewRotation {
+            id: RotationId::new(),
+            new_hash: raw_key.hash(),
+            new_hint: raw_key.hint(),
+            reason: request.reason,
+            grace_period,
+            rotated_by: request.rotated_by,
+        };
+        let now = self.now();
+        let (key, rotation) = self
+            .inner
+            .store
+            .rotate_key(tenant, id, &rotation, now)
+            .await?;
+        run_hooks!(self.hooks(), "key_rotated", |h| h
+            .key_rotated(&key, &rotation));
+        Ok(RotatedKey {
+            raw_key,
+            key,
+            rotation,
+        })
+    }
+
+    /// Revokes a key for good: its current secret and any secret still in a
+    /// rotation grace period stop working at once.
+    pub async fn revoke_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        reason: Option<&str>,
+    ) -> Result<ApiKey> {
+        if reason.is_some_and(|r| r.len() > 1024) {
+            return Err(Error::invalid_input(
+                "reason",
+                "must be at most 1024 characters",
+            ));
+        }
+        let key = self.transition(tenant, id, KeyAction::Revoke).await?;
+        run_hooks!(self.hooks(), "key_revoked", |h| h.key_revoked(&key, reason));
+        Ok(key)
+    }
+
+    /// Suspends an active key.
+    pub async fn suspend_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey> {
+        let key = self.transition(tenant, id, KeyAction::Suspend).await?;
+        run_hooks!(self.hooks(), "key_suspended", |h| h.key_suspended(&key));
+        Ok(key)
+    }
+
+    /// Reactivates a suspended key.
+    pub async fn reactivate_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey> {
+        let key = self.transition(tenant, id, KeyAction::Reactivate).await?;
+        run_hooks!(self.hooks(), "key_reactivated", |h| h.key_reactivated(&key));
+        Ok(key)
+    }
+
+    async fn transition(&self, tenant: &Tenant, id: &KeyId, action: KeyAction) -> Result<ApiKey> {
+        self.inner
+            .store
+            .transition_key(tenant, id, action, self.now())
+            .await
+    }
+
+    /// The key's rotation records, oldest first.
+    pub async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>> {
+        self.inner.store.list_rotations(tenant, key_id).await
+    }
+
+    // ------------------------------------------------------------ validation
+
+    /// Validates a raw key against a request (DESIGN §3): format and checksum,
+    /// lookup by hash (current or rotated secret), tenant, state, expiry and
+    /// grace, then the policy's allowlists and the required scopes.
+    ///
+    /// A store failure is an `Error::Store`, never a valid result.
+    pub async fn validate(&self, raw_key: &str, request: &RequestContext) -> Result<Validation> {
+        // 1. Format and checksum: no I/O for anything that is not a key.
+        let outcome = if ParsedKey::parse(raw_key).is_none() {
+            Err((Error::InvalidKey, None))
+        } else {
+            // 2. Hash, then the store (current secret, else a rotated one).
+            let hash = SecretHash::of(raw_key);
+            let found = self.inner.store.lookup(&hash).await?;
+            self.check(found, &hash, request)
+        };
+        match outcome {
+            Ok(valid) => {
+                run_hooks!(self.hooks(), "key_validated", |h| h
+                    .key_validated(&valid.key));
+                Ok(valid)
+            }
+            Err((error, key)) => {
+                if !self.hooks().is_empty() {
+                    let failure = Failure {
+                        tenant: None,
+                        key: key.as_deref(),
+                        error: &error,
+                    };
+                    run_hooks!(self.hooks(), "validation_failed", |h| h
+                        .validation_failed(failure));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Steps 2 (the constant-time check) to 8 of validation, on what the store
+    /// found. A denial carries the key, when there is one, for the hooks.
+    fn check(
+        &self,
+        found: Option<Lookup>,
+        hash: &SecretHash,
+        request: &RequestContext,
+    ) -> std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)> {
+        let Some(found) = found else {
+            return Err((Error::InvalidKey, None));
+        };
+        let stored_hash = found
+            .rotated
+            .as_ref()
+            .map_or(found.key.hash, |r| r.old_hash);
+        if !stored_hash.ct_eq(hash) {
+            return Err((Error::InvalidKey, None));
+        }
+        let key = found.key;
+        let deny = |error: Error| (error, Some(key.clone()));
+        // 3. A key of another tenant than expected does not exist for the caller.
+        if let Some(expected) = &request.expected_tenant {
+            if !key.belongs_to(expected) {
+                return Err((Error::InvalidKey, None));
+            }
+        }
+        // 4. State, expiry, grace. The clock is read only when a date matters.
+        match key.state {
+            KeyState::Active => {}
+            KeyState::Revoked => return Err(deny(Error::KeyRevoked)),
+            KeyState::Suspended => return Err(deny(Error::KeySuspended)),
+            KeyState::Expired => return Err(deny(Error::KeyExpired)),
+        }
+        let grace_ends = found.rotated.map(|r| r.grace_ends);
+        if key.expires_at.is_some() || grace_ends.is_some() {
+            let now = self.inner.clock.now();
+            if key.expires_at.is_some_and(|at| at <= now) {
+                return Err(deny(Error::KeyExpired));
+            }
+            if grace_ends.is_some_and(|at| at <= now) {
+                return Err(deny(Error::KeyRotated));
+            }
+        }
+        // 5. Policy: ip, origin, method, path, then required scopes.
+        match &found.policy {
+            Some(policy) => policy.evaluate(request, &key.scopes).map_err(deny)?,
+            None => {
+                if let Some(missing) = request
+                    .required_scopes
+                    .iter()
+                    .find(|r| !scope::any_grants(&key.scopes, r))
+                {
+                    return Err(deny(Error::InsufficientScope {
+                        missing: missing.clone(),
+                    }));
+                }
+            }
+        }
+        // 6. Rate limit and 7. quota: enforced here once limiters exist
+        //    (a later change); they return `RateLimited` / `QuotaExceeded` and
+        //    fire the `rate_limited` / `quota_exceeded` hooks.
+        // 8. Accepted. `last_used_at` is written behind by the usage pipeline.
+        Ok(Validation {
+            key,
+            policy: found.policy,
+            grace_ends,
+        })
+    }
+
+    // -------------------------------------------------------------- policies
+
+    /// Creates a policy; bad allowlist entries are refused naming the field.
+    pub async fn create_policy(&self, tenant: &Tenant, spec: PolicySpec) -> Result<Policy> {
+        check_tenant(tenant)?;
+        let now = self.now();
+        let policy = Policy::new(PolicyId::new(), tenant, spec, now, now)?;
+        self.inner.store.create_policy(&policy).await?;
+        run_hooks!(self.hooks(), "policy_created", |h| h
+            .policy_created(&policy));
+        Ok(policy)
+    }
+
+    /// One policy of the tenant.
+    pub async fn get_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<Policy> {
+        self.inner.store.get_policy(tenant, id).await
+    }
+
+    /// The tenant's policies, newest first.
+    pub async fn list_policies(&self, tenant: &Tenant, page: &PageRequest) -> Result<Page<Policy>> {
+        page.check()?;
+        self.inner.store.list_policies(tenant, page).await
+    }
+
+    /// Replaces a policy's rules. Keys under it are held to the new rules from
+    /// their next validation.
+    pub async fn update_policy(
+        &self,
+        tenant: &Tenant,
+        id: &PolicyId,
+        spec: PolicySpec,
+    ) -> Result<Policy> {
+        let existing = self.inner.store.get_policy(tenant, id).await?;
+        let policy = Policy::new(*id, tenant, spec, existing.created_at, self.now())?;
+        self.inner.store.update_policy(&policy).await?;
+        run_hooks!(self.hooks(), "policy_updated", |h| h
+            .policy_updated(&policy));
+        Ok(policy)
+    }
+
+    /// Deletes a policy that no key uses (`PolicyInUse` otherwise).
+    pub async fn delete_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<()> {
+        self.inner.store.delete_policy(tenant, id).await?;
+        run_hooks!(self.hooks(), "policy_deleted", |h| h
+            .policy_deleted(tenant, id));
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- scopes
+
+    /// Creates a scope.
+    pub async fn create_scope(&self, tenant: &Tenant, request: CreateScope) -> Result<Scope> {
+        check_tenant(tenant)?;
+        validate_scope_name("name", &request.name)?;
+        policy::check_description(request.description.as_deref())?;
+        let parent = match request.parent {
+            Some(parent) => {
+                validate_scope_name("parent", &parent)?;
+                if !request
+                    .name
+                    .strip_prefix(parent.as_str())
+                    .is_some_and(|r| r.starts_with(':'))
+                {
+                    return Err(Error::invalid_input(
+                        "parent",
+                        format!("`{parent}` is not an ancestor of `{}`", request.name),
+                    ));
+                }
+                Some(parent)
+            }
+            None => parent_of(&request.name).map(str::to_owned),
+        };
+        let scope = Scope {
+            id: ScopeId::new(),
+            app_id: tenant.app_id.clone(),
+            tenant_id: tenant.tenant_id.clone(),
+            name: request.name,
+            description: request.description,
+            parent,
+            created_at: self.now(),
+        };
+        self.inner.store.create_scope(&scope).await?;
+        Ok(scope)
+    }
+
+    /// The tenant's scopes by name, optionally only the children of `parent`.
+    pub async fn list_scopes(
+        &self,
+        tenant: &Tenant,
+        parent: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Page<Scope>> {
+        page.check()?;
+        self.inner.store.list_scopes(tenant, parent, page).await
+    }
+
+    /// Deletes a scope, taking it off every key.
+    pub async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()> {
+        self.inner.store.delete_scope(tenant, id).await
+    }
+
+    /// Grants scopes to a key, within its policy's cap and the per-key limit.
+    pub async fn assign_scopes(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        scopes: Vec<String>,
+    ) -> Result<ApiKey> {
+        let scopes = normalize_scopes("scopes", scopes)?;
+        let key = self.inner.store.get_key(tenant, key_id).await?;
+        if let Some(pid) = &key.policy_id {
+            self.inner
+                .store
+                .get_policy(tenant, pid)
+                .await?
+                .check_scopes_allowed(&scopes)?;
+        }
+        let new = scopes.iter().filter(|s| !key.scopes.contains(s)).count();
+        if key.scopes.len() + new > MAX_SCOPES_PER_KEY {
+            return Err(Error::invalid_input(
+                "scopes",
+                "a key holds at most 100 scopes",
+            ));
+        }
+        self.inner
+            .store
+            .add_key_scopes(tenant, key_id, &scopes, self.now())
+            .await
+    }
+
+    /// Takes scopes off a key.
+    pub async fn remove_scopes(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        scopes: Vec<String>,
+    ) -> Result<ApiKey> {
+        let scopes = normalize_scopes("scopes", scopes)?;
+        self.inner
+            .store
+            .remove_key_scopes(tenant, key_id, &scopes, self.now())
+            .await
+    }
+
+    // ---------------------------------------------------------------- sweeps
+
+    /// Marks up to `limit` keys past their expiry as expired, firing the
+    /// `key_expired` hook once per key. Returns how many were expired.
+    pub async fn expire_keys(&self, limit: u32) -> Result<usize> {
+        let expired = self.inner.store.expire_keys(self.now(), limit).await?;
+        for key in &expired {
+            run_hooks!(self.hooks(), "key_expired", |h| h.key_expired(key));
+        }
+        Ok(expired.len())
+    }
+
+    /// Closes up to `limit` rotation grace periods that have ended. Returns how
+    /// many were closed. (Validation never depends on this: an old secret is
+    /// refused from the instant its grace ends.)
+    pub async fn end_grace_periods(&self, limit: u32) -> Result<usize> {
+        Ok(self
+            .inner
+            .store
+            .end_grace_periods(self.now(), limit)
+            .await?
+            .len())
+    }
+
+    /// Tells the hooks the engine is stopping.
+    pub async fn shutdown(&self) {
+        run_hooks!(self.hooks(), "shutdown", |h| h.shutdown());
+    }
+}
+
+fn check_tenant(tenant: &Tenant) -> Result<()> {
+    Tenant::new(tenant.app_id.as_str(), tenant.tenant_id.as_str()).map(|_| ())
+}
+
+fn check_created_by(who: Option<&str>) -> Result<()> {
+    if who.is_some_and(|w| w.len() > 255) {
+        return Err(Error::invalid_input(
+            "created_by",
+            "must be at most 255 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks, sorts and de-duplicates scope names.
+fn normalize_scopes(field: &str, mut scopes: Vec<String>) -> Result<Vec<String>> {
+    if scopes.len() > MAX_SCOPES_PER_KEY {
+        return Err(Error::invalid_input(
+            field,
+            "a key holds at most 100 scopes",
+        ));
+    }
+    for (i, s) in scopes.iter().enumerate() {
+        validate_scope_name(&format!("{field}[{i}]"), s)?;
+    }
+    scopes.sort();
+    scopes.dedup();
+    Ok(scopes)
+}
+
+/// The expiry a key gets: the requested one (which must be in the future),
+/// capped at `created_at + max_key_lifetime` when the policy sets one.
+fn effective_expiry(
+    requested: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    policy: Option<&Policy>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>> {
+    let requested = requested.map(store_precision);
+    if requested.is_some_and(|at| at <= now) {
+        return Err(Error::invalid_input("expires_at", "must be in the future"));
+    }
+    let cap = policy
+        .and_then(|p| p.spec.max_key_lifetime)
+        .map(|max| created_at + chrono::Duration::from_std(max).unwrap_or(chrono::Duration::MAX));
+    Ok(match (requested, cap) {
+        (Some(at), Some(cap)) => Some(at.min(cap)),
+        (at, cap) => at.or(cap),
+    })
+}

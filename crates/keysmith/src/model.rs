@@ -1,0 +1,414 @@
+//! The records Keysmith keeps: keys, rotations, scopes, and the tenant that
+//! owns them. Policies live in [`crate::policy`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::secret::{Environment, SecretHash};
+
+/// Free-form JSON object attached to keys and policies.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// Largest metadata object, serialized.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Most scopes one key may hold.
+pub const MAX_SCOPES_PER_KEY: usize = 100;
+/// Longest name (key, policy).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest description.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Largest page a list returns.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// The owner of every record: an application and a tenant within it. Every
+/// management call names one, and every query filters by both parts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tenant {
+    /// The application.
+    pub app_id: String,
+    /// The tenant within the application.
+    pub tenant_id: String,
+}
+
+impl Tenant {
+    /// Builds a tenant, checking both parts (1–128 chars of `[A-Za-z0-9_.:-]`).
+    pub fn new(app_id: impl Into<String>, tenant_id: impl Into<String>) -> Result<Self> {
+        let tenant = Self {
+            app_id: app_id.into(),
+            tenant_id: tenant_id.into(),
+        };
+        check_tenant_part("app_id", &tenant.app_id)?;
+        check_tenant_part("tenant_id", &tenant.tenant_id)?;
+        Ok(tenant)
+    }
+}
+
+fn check_tenant_part(field: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_input(
+            field,
+            "must be 1-128 characters of [A-Za-z0-9_.:-]",
+        ))
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.app_id, self.tenant_id)
+    }
+}
+
+/// The life-cycle state of a key.
+///
+/// Allowed moves: active → suspended → active, active|suspended → revoked,
+/// active → expired (by time). Revoked and expired are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Usable.
+    Active,
+    /// Temporarily refused; can be reactivated.
+    Suspended,
+    /// Past its expiry; terminal.
+    Expired,
+    /// Revoked; terminal.
+    Revoked,
+}
+
+impl KeyState {
+    /// The name used in storage and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// Whether the key can never be used again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Expired | Self::Revoked)
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyState {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "active" => Self::Active,
+            "suspended" => Self::Suspended,
+            "expired" => Self::Expired,
+            "revoked" => Self::Revoked,
+            _ => {
+                return Err(Error::invalid_input(
+                    "state",
+                    "must be active, suspended, expired or revoked",
+                ));
+            }
+        })
+    }
+}
+
+/// A change to a key's life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyAction {
+    /// active → suspended.
+    Suspend,
+    /// suspended → active.
+    Reactivate,
+    /// active | suspended → revoked.
+    Revoke,
+    /// active → expired (by time).
+    Expire,
+    /// A new secret for an active or suspended key (the state is kept).
+    Rotate,
+}
+
+impl KeyAction {
+    /// The states the action is allowed from.
+    pub fn allowed_from(self) -> &'static [KeyState] {
+        use KeyState::*;
+        match self {
+            Self::Suspend | Self::Expire => &[Active],
+            Self::Reactivate => &[Suspended],
+            Self::Revoke | Self::Rotate => &[Active, Suspended],
+        }
+    }
+
+    /// The state the key ends in (`None`: unchanged).
+    pub fn target(self) -> Option<KeyState> {
+        match self {
+            Self::Suspend => Some(KeyState::Suspended),
+            Self::Reactivate => Some(KeyState::Active),
+            Self::Revoke => Some(KeyState::Revoked),
+            Self::Expire => Some(KeyState::Expired),
+            Self::Rotate => None,
+        }
+    }
+
+    /// Checks the action against the key's current state.
+    pub fn check(self, from: KeyState) -> Result<()> {
+        if self.allowed_from().contains(&from) {
+            Ok(())
+        } else {
+            Err(Error::InvalidStateTransition { from, action: self })
+        }
+    }
+}
+
+impl fmt::Display for KeyAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Suspend => "suspend",
+            Self::Reactivate => "reactivate",
+            Self::Revoke => "revoke",
+            Self::Expire => "expire",
+            Self::Rotate => "rotate",
+        })
+    }
+}
+
+/// An API key as stored: everything but the secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    /// Stable id (unchanged by rotation).
+    pub id: KeyId,
+    /// Owning application.
+    pub app_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Human name.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// The raw key's prefix (`sk`).
+    pub prefix: String,
+    /// Last four characters of the current secret.
+    pub hint: String,
+    /// SHA-256 of the current secret.
+    #[serde(skip)]
+    pub hash: SecretHash,
+    /// Environment (`live`, `test`, …).
+    pub environment: Environment,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// Attached policy.
+    pub policy_id: Option<PolicyId>,
+    /// Granted scope names, sorted.
+    pub scopes: Vec<String>,
+    /// Free-form metadata.
+    pub metadata: Metadata,
+    /// Who created it (free text: a user id, a root key id).
+    pub created_by: Option<String>,
+    /// When it stops working.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Last successful validation (written behind, coalesced).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Last rotation.
+    pub rotated_at: Option<DateTime<Utc>>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ApiKey {
+    /// The tenant that owns the key.
+    pub fn tenant(&self) -> Tenant {
+        Tenant {
+            app_id: self.app_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+        }
+    }
+
+    /// Whether the key belongs to `tenant`.
+    pub fn belongs_to(&self, tenant: &Tenant) -> bool {
+        self.app_id == tenant.app_id && self.tenant_id == tenant.tenant_id
+    }
+}
+
+/// Why a key was rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// Routine rotation on a schedule.
+    Scheduled,
+    /// Asked for by a person.
+    #[default]
+    Manual,
+    /// The old secret leaked: no grace period unless one is given.
+    Compromise,
+    /// Required by the policy's rotation period.
+    Policy,
+}
+
+impl RotationReason {
+    /// The name used in storage and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Manual => "manual",
+            Self::Compromise => "compromise",
+            Self::Policy => "policy",
+        }
+    }
+}
+
+impl FromStr for RotationReason {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "scheduled" => Self::Scheduled,
+            "manual" => Self::Manual,
+            "compromise" => Self::Compromise,
+            "policy" => Self::Policy,
+            _ => {
+                return Err(Error::invalid_input(
+                    "reason",
+                    "must be scheduled, manual, compromise or policy",
+                ));
+            }
+        })
+    }
+}
+
+/// A record of one rotation: which secret replaced which, and until when the
+/// old one keeps working.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rotation {
+    /// Record id.
+    pub id: RotationId,
+    /// The key rotated.
+    pub key_id: KeyId,
+    /// Owning application.
+    pub app_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Hash of the secret that was replaced.
+    #[serde(skip)]
+    pub old_hash: SecretHash,
+    /// Hash of the secret that replaced it.
+    #[serde(skip)]
+    pub new_hash: SecretHash,
+    /// Why.
+    pub reason: RotationReason,
+    /// Grace period granted to the old secret.
+    #[serde(with = "crate::duration::serde_millis")]
+    pub grace_period: Duration,
+    /// When the old secret stops working. A later rotation may bring this
+    /// forward (never back): no old secret outlives a newer rotation's grace.
+    pub grace_ends: DateTime<Utc>,
+    /// Set by the grace sweep once `grace_ends` has passed.
+    pub grace_ended: bool,
+    /// Who rotated it.
+    pub rotated_by: Option<String>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A named scope of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Scope {
+    /// Id.
+    pub id: ScopeId,
+    /// Owning application.
+    pub app_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Name (`read:users`), unique per tenant.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// Parent scope name (`read` for `read:users`).
+    pub parent: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Paging: at most `limit` items after skipping `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRequest {
+    /// Items per page, 1–1000.
+    pub limit: u32,
+    /// Items to skip.
+    pub offset: u64,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_PAGE_SIZE,
+            offset: 0,
+        }
+    }
+}
+
+impl PageRequest {
+    /// A page request, checked.
+    pub fn new(limit: u32, offset: u64) -> Result<Self> {
+        let page = Self { limit, offset };
+        page.check()?;
+        Ok(page)
+    }
+
+    /// Checks the bounds.
+    pub fn check(&self) -> Result<()> {
+        if self.limit == 0 || self.limit > MAX_PAGE_SIZE {
+            return Err(Error::invalid_input("limit", "must be between 1 and 1000"));
+        }
+        if self.offset > i64::MAX as u64 {
+            return Err(Error::invalid_input("offset", "is too large"));
+        }
+        Ok(())
+    }
+}
+
+/// One page of a list, with the total number of matching items.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page<T> {
+    /// The items, newest first.
+    pub items: Vec<T>,
+    /// How many items match in all.
+    pub total: u64,
+}
+
+/// Filters for listing keys. Unset fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyFilter {
+    /// Only keys in this state.
+    pub state: Option<KeyState>,
+    /// Only keys of this environment.
+    pub environment: Option<Environment>,
+    /// Only keys under this policy.
+    pub policy_id: Option<PolicyId>,
+    /// Only keys created by this principal.
+    pub created_by: Option<String>,
+    /// Paging.
+    pub page: PageRequest,
+}

@@ -1,0 +1,538 @@
+//! The in-memory store: for tests, examples and embedding without a database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use foldhash::fast::RandomState;
+
+use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
+use crate::error::{Error, ResourceKind, Result};
+use crate::id::{KeyId, PolicyId, ScopeId};
+use crate::model::{
+    ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, Scope, Tenant,
+};
+use crate::policy::Policy;
+use crate::scope::parent_of;
+use crate::secret::SecretHash;
+
+type Map<K, V> = HashMap<K, V, RandomState>;
+
+/// A [`Store`] in process memory. Every operation takes one lock, so each is
+/// atomic; nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    keys: Map<KeyId, Arc<ApiKey>>,
+    by_hash: Map<SecretHash, Arc<ApiKey>>,
+    /// Rotation records per key, oldest first.
+    rotations: Map<KeyId, Vec<Rotation>>,
+    /// Old secret hash → the key it belonged to.
+    old_hashes: Map<SecretHash, KeyId>,
+    policies: Map<PolicyId, Arc<Policy>>,
+    scopes: Map<ScopeId, Scope>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn page<T>(mut items: Vec<T>, page: &PageRequest) -> Page<T> {
+    let total = items.len() as u64;
+    let start = usize::try_from(page.offset)
+        .unwrap_or(usize::MAX)
+        .min(items.len());
+    let end = start.saturating_add(page.limit as usize).min(items.len());
+    let items = items.drain(start..end).collect();
+    Page { items, total }
+}
+
+impl State {
+    fn key(&self, tenant: &Tenant, id: &KeyId) -> Result<&Arc<ApiKey>> {
+        self.keys
+            .get(id)
+            .filter(|k| k.belongs_to(tenant))
+            .ok_or(Error::NotFound(ResourceKind::Key))
+    }
+
+    fn put_key(&mut self, key: ApiKey) -> ApiKey {
+        let arc = Arc::new(key);
+        if let Some(old) = self.keys.insert(arc.id, arc.clone()) {
+            if old.hash != arc.hash {
+                self.by_hash.remove(&old.hash);
+            }
+        }
+        self.by_hash.insert(arc.hash, arc.clone());
+        ApiKey::clone(&arc)
+    }
+
+    fn check_policy(&self, tenant: &Tenant, id: Option<&PolicyId>) -> Result<()> {
+        match id {
+            Some(id) if !self.policies.get(id).is_some_and(|p| p.belongs_to(tenant)) => {
+                Err(Error::NotFound(ResourceKind::Policy))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates the scopes of `names` the tenant lacks.
+    fn ensure_scopes(&mut self, tenant: &Tenant, names: &[String], now: DateTime<Utc>) {
+        for name in names {
+            let exists = self.scopes.values().any(|s| {
+                s.name == *name && s.app_id == tenant.app_id && s.tenant_id == tenant.tenant_id
+            });
+            if !exists {
+                let scope = Scope {
+                    id: ScopeId::new(),
+                    app_id: tenant.app_id.clone(),
+                    tenant_id: tenant.tenant_id.clone(),
+                    name: name.clone(),
+                    description: None,
+                    parent: parent_of(name).map(str::to_owned),
+                    created_at: now,
+                };
+                self.scopes.insert(scope.id, scope);
+            }
+        }
+    }
+
+    fn scope_name_taken(&self, tenant: &Tenant, name: &str) -> bool {
+        self.scopes
+            .values()
+            .any(|s| s.name == name && s.app_id == tenant.app_id && s.tenant_id == tenant.tenant_id)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_key(&self, key: &ApiKey) -> Result<()> {
+        let tenant = key.tenant();
+        let mut state = self.write();
+        if state.keys.contains_key(&key.id) {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Key,
+                field: "id",
+            });
+        }
+        if state.by_hash.contains_key(&key.hash) || state.old_hashes.contains_key(&key.hash) {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Key,
+                field: "hash",
+            });
+        }
+        state.check_policy(&tenant, key.policy_id.as_ref())?;
+        state.ensure_scopes(&tenant, &key.scopes, key.created_at);
+        let mut key = key.clone();
+        key.scopes.sort();
+        key.scopes.dedup();
+        state.put_key(key);
+        Ok(())
+    }
+
+    async fn get_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey> {
+        self.read().key(tenant, id).map(|k| ApiKey::clone(k))
+    }
+
+    async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
+        let state = self.read();
+        let mut keys: Vec<ApiKey> = state
+            .keys
+            .values()
+            .filter(|k| k.belongs_to(tenant))
+            .filter(|k| filter.state.is_none_or(|s| k.state == s))
+            .filter(|k| {
+                filter
+                    .environment
+                    .as_ref()
+                    .is_none_or(|e| k.environment == *e)
+            })
+            .filter(|k| filter.policy_id.is_none_or(|p| k.policy_id == Some(p)))
+            .filter(|k| {
+                filter
+                    .created_by
+                    .as_ref()
+                    .is_none_or(|c| k.created_by.as_ref() == Some(c))
+            })
+            .map(|k| ApiKey::clone(k))
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.id));
+        Ok(page(keys, &filter.page))
+    }
+
+    async fn update_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        update: &KeyUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey> {
+        let mut state = self.write();
+        let mut key = ApiKey::clone(state.key(tenant, id)?);
+        if let Some(policy_id) = &update.policy_id {
+            state.check_policy(tenant, policy_id.as_ref())?;
+            key.policy_id = *policy_id;
+        }
+        if let Some(name) = &update.name {
+            key.name = name.clone();
+        }
+        if let Some(description) = &update.description {
+            key.description = description.clone();
+        }
+        if let Some(metadata) = &update.metadata {
+            key.metadata = metadata.clone();
+        }
+        if let Some(expires_at) = update.expires_at {
+            key.expires_at = expires_at;
+        }
+        key.updated_at = now;
+        Ok(state.put_key(key))
+    }
+
+    async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()> {
+        let mut state = self.write();
+        let hash = state.key(tenant, id)?.hash;
+        state.keys.remove(id);
+        state.by_hash.remove(&hash);
+        for rotation in state.rotations.remove(id).unwrap_or_default() {
+            state.old_hashes.remove(&rotation.old_hash);
+        }
+        Ok(())
+    }
+
+    async fn transition_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        action: KeyAction,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey> {
+        let mut state = self.write();
+        let mut key = ApiKey::clone(state.key(tenant, id)?);
+        action.check(key.state)?;
+        if let Some(target) = action.target() {
+            key.state = target;
+        }
+        if action == KeyAction::Revoke {
+            key.revoked_at = Some(now);
+        }
+        key.updated_at = now;
+        Ok(state.put_key(key))
+    }
+
+    async fn rotate_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        rotation: &NewRotation,
+        now: DateTime<Utc>,
+    ) -> Result<(ApiKey, Rotation)> {
+        let mut state = self.write();
+        let mut key = ApiKey::clone(state.key(tenant, id)?);
+        KeyAction::Rotate.check(key.state)?;
+        if state.by_hash.contains_key(&rotation.new_hash)
+            || state.old_hashes.contains_key(&rotation.new_hash)
+        {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Key,
+                field: "hash",
+            });
+        }
+        let grace = chrono::Duration::from_std(rotation.grace_period)
+            .map_err(|_| Error::invalid_input("grace_period", "is too long"))?;
+        let record = Rotation {
+            id: rotation.id,
+            key_id: key.id,
+            app_id: key.app_id.clone(),
+            tenant_id: key.tenant_id.clone(),
+            old_hash: key.hash,
+            new_hash: rotation.new_hash,
+            reason: rotation.reason,
+            grace_period: rotation.grace_period,
+            grace_ends: now + grace,
+            grace_ended: false,
+            rotated_by: rotation.rotated_by.clone(),
+            created_at: now,
+        };
+        let history = state.rotations.entry(key.id).or_default();
+        for earlier in history.iter_mut() {
+            if earlier.grace_ends > record.grace_ends {
+                earlier.grace_ends = record.grace_ends;
+            }
+        }
+        history.push(record.clone());
+        state.old_hashes.insert(record.old_hash, key.id);
+        key.hash = rotation.new_hash;
+        key.hint = rotation.new_hint.clone();
+        key.rotated_at = Some(now);
+        key.updated_at = now;
+        Ok((state.put_key(key), record))
+    }
+
+    async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>> {
+        let state = self.read();
+        let (key, rotated) = match state.by_hash.get(hash) {
+            Some(key) => (key.clone(), None),
+            None => {
+                let Some(key_id) = state.old_hashes.get(hash) else {
+                    return Ok(None);
+                };
+                let key = state.keys[key_id].clone();
+                let rotated = state.rotations[key_id]
+                    .iter()
+                    .find(|r| r.old_hash == *hash)
+                    .map(RotatedSecret::from);
+                (key, rotated)
+            }
+        };
+        let policy = key
+            .policy_id
+            .and_then(|id| state.policies.get(&id).cloned());
+        Ok(Some(Lookup {
+            key,
+            policy,
+            rotated,
+        }))
+    }
+
+    async fn expire_keys(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<ApiKey>> {
+        let mut state = self.write();
+        let mut due: Vec<Arc<ApiKey>> = state
+            .keys
+            .values()
+            .filter(|k| k.state == KeyState::Active && k.expires_at.is_some_and(|e| e <= now))
+            .cloned()
+            .collect();
+        due.sort_by_key(|k| (k.expires_at, k.id));
+        due.truncate(limit as usize);
+        Ok(due
+            .into_iter()
+            .map(|k| {
+                let mut key = ApiKey::clone(&k);
+                key.state = KeyState::Expired;
+                key.updated_at = now;
+                state.put_key(key)
+            })
+            .collect())
+    }
+
+    async fn end_grace_periods(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Rotation>> {
+        let mut state = self.write();
+        let mut ended = Vec::new();
+        for history in state.rotations.values_mut() {
+            for rotation in history.iter_mut() {
+                if ended.len() < limit as usize
+                    && !rotation.grace_ended
+                    && rotation.grace_ends <= now
+                {
+                    rotation.grace_ended = true;
+                    ended.push(rotation.clone());
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn add_key_scopes(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        scopes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey> {
+        let mut state = self.write();
+        let mut key = ApiKey::clone(state.key(tenant, id)?);
+        state.ensure_scopes(tenant, scopes, now);
+        key.scopes.extend(scopes.iter().cloned());
+        key.scopes.sort();
+        key.scopes.dedup();
+        key.updated_at = now;
+        Ok(state.put_key(key))
+    }
+
+    async fn remove_key_scopes(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        scopes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey> {
+        let mut state = self.write();
+        let mut key = ApiKey::clone(state.key(tenant, id)?);
+        key.scopes.retain(|s| !scopes.contains(s));
+        key.updated_at = now;
+        Ok(state.put_key(key))
+    }
+
+    async fn create_policy(&self, policy: &Policy) -> Result<()> {
+        let mut state = self.write();
+        if state.policies.contains_key(&policy.id) {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Policy,
+                field: "id",
+            });
+        }
+        let clash = state.policies.values().any(|p| {
+            p.app_id == policy.app_id
+                && p.tenant_id == policy.tenant_id
+                && p.spec.name == policy.spec.name
+        });
+        if clash {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Policy,
+                field: "name",
+            });
+        }
+        state.policies.insert(policy.id, Arc::new(policy.clone()));
+        Ok(())
+    }
+
+    async fn get_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<Policy> {
+        self.read()
+            .policies
+            .get(id)
+            .filter(|p| p.belongs_to(tenant))
+            .map(|p| Policy::clone(p))
+            .ok_or(Error::NotFound(ResourceKind::Policy))
+    }
+
+    async fn list_policies(&self, tenant: &Tenant, page_req: &PageRequest) -> Result<Page<Policy>> {
+        let state = self.read();
+        let mut policies: Vec<Policy> = state
+            .policies
+            .values()
+            .filter(|p| p.belongs_to(tenant))
+            .map(|p| Policy::clone(p))
+            .collect();
+        policies.sort_by_key(|p| std::cmp::Reverse(p.id));
+        Ok(page(policies, page_req))
+    }
+
+    async fn update_policy(&self, policy: &Policy) -> Result<()> {
+        let tenant = Tenant {
+            app_id: policy.app_id.clone(),
+            tenant_id: policy.tenant_id.clone(),
+        };
+        let mut state = self.write();
+        if !state
+            .policies
+            .get(&policy.id)
+            .is_some_and(|p| p.belongs_to(&tenant))
+        {
+            return Err(Error::NotFound(ResourceKind::Policy));
+        }
+        let clash = state
+            .policies
+            .values()
+            .any(|p| p.id != policy.id && p.belongs_to(&tenant) && p.spec.name == policy.spec.name);
+        if clash {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Policy,
+                field: "name",
+            });
+        }
+        state.policies.insert(policy.id, Arc::new(policy.clone()));
+        // Keys hold no copy of the policy; lookups read the new one at once.
+        Ok(())
+    }
+
+    async fn delete_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<()> {
+        let mut state = self.write();
+        if !state.policies.get(id).is_some_and(|p| p.belongs_to(tenant)) {
+            return Err(Error::NotFound(ResourceKind::Policy));
+        }
+        let users = state
+            .keys
+            .values()
+            .filter(|k| k.policy_id == Some(*id))
+            .count() as u64;
+        if users > 0 {
+            return Err(Error::PolicyInUse { keys: users });
+        }
+        state.policies.remove(id);
+        Ok(())
+    }
+
+    async fn create_scope(&self, scope: &Scope) -> Result<()> {
+        let tenant = Tenant {
+            app_id: scope.app_id.clone(),
+            tenant_id: scope.tenant_id.clone(),
+        };
+        let mut state = self.write();
+        if state.scopes.contains_key(&scope.id) {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Scope,
+                field: "id",
+            });
+        }
+        if state.scope_name_taken(&tenant, &scope.name) {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Scope,
+                field: "name",
+            });
+        }
+        state.scopes.insert(scope.id, scope.clone());
+        Ok(())
+    }
+
+    async fn list_scopes(
+        &self,
+        tenant: &Tenant,
+        parent: Option<&str>,
+        page_req: &PageRequest,
+    ) -> Result<Page<Scope>> {
+        let state = self.read();
+        let mut scopes: Vec<Scope> = state
+            .scopes
+            .values()
+            .filter(|s| s.app_id == tenant.app_id && s.tenant_id == tenant.tenant_id)
+            .filter(|s| parent.is_none_or(|p| s.parent.as_deref() == Some(p)))
+            .cloned()
+            .collect();
+        scopes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(page(scopes, page_req))
+    }
+
+    async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()> {
+        let mut state = self.write();
+        let scope = state
+            .scopes
+            .get(id)
+            .filter(|s| s.app_id == tenant.app_id && s.tenant_id == tenant.tenant_id)
+            .ok_or(Error::NotFound(ResourceKind::Scope))?
+            .clone();
+        state.scopes.remove(id);
+        let holders: Vec<ApiKey> = state
+            .keys
+            .values()
+            .filter(|k| k.belongs_to(tenant) && k.scopes.contains(&scope.name))
+            .map(|k| ApiKey::clone(k))
+            .collect();
+        for mut key in holders {
+            key.scopes.retain(|s| *s != scope.name);
+            state.put_key(key);
+        }
+        Ok(())
+    }
+
+    async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>> {
+        let state = self.read();
+        state.key(tenant, key_id)?;
+        Ok(state.rotations.get(key_id).cloned().unwrap_or_default())
+    }
+}

@@ -1,0 +1,233 @@
+//! Storage: one object-safe trait of atomic domain operations.
+//!
+//! Each method is one atomic operation on the backend (a key with its scopes, a
+//! rotation with its record, a compare-and-set state change), so the engine
+//! never stitches loose reads and writes together. Every management method
+//! takes the tenant and filters by it: another tenant's record is `NotFound`.
+//! [`conformance`] checks that a backend behaves as documented here.
+
+pub mod conformance;
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer};
+
+pub use memory::MemoryStore;
+
+use crate::error::Result;
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::model::{
+    ApiKey, KeyAction, KeyFilter, Metadata, Page, PageRequest, Rotation, RotationReason, Scope,
+    Tenant,
+};
+use crate::policy::Policy;
+use crate::secret::SecretHash;
+
+/// What a lookup by hash found: the key, its policy, and, when the hash was a
+/// secret replaced by a rotation, what validation needs of that rotation.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The key.
+    pub key: Arc<ApiKey>,
+    /// Its policy, if it has one.
+    pub policy: Option<Arc<Policy>>,
+    /// Set when the hash was an old secret of the key.
+    pub rotated: Option<RotatedSecret>,
+}
+
+/// An old secret of a key, known through the rotation that replaced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotatedSecret {
+    /// The rotation record.
+    pub rotation_id: RotationId,
+    /// The old secret's hash.
+    pub old_hash: SecretHash,
+    /// When the old secret stops working.
+    pub grace_ends: DateTime<Utc>,
+}
+
+impl From<&Rotation> for RotatedSecret {
+    fn from(r: &Rotation) -> Self {
+        Self {
+            rotation_id: r.id,
+            old_hash: r.old_hash,
+            grace_ends: r.grace_ends,
+        }
+    }
+}
+
+/// A change to a key's editable fields. `None` leaves a field as it is; for
+/// nullable fields `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyUpdate {
+    /// New name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New description, or `Some(None)` to clear.
+    #[serde(default, deserialize_with = "nullable")]
+    pub description: Option<Option<String>>,
+    /// New metadata (replaces the object).
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+    /// New policy, or `Some(None)` to detach.
+    #[serde(default, deserialize_with = "nullable")]
+    pub policy_id: Option<Option<PolicyId>>,
+    /// New expiry, or `Some(None)` for none.
+    #[serde(default, deserialize_with = "nullable")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Tells a JSON `null` (clear the field) from an absent field (keep it).
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A rotation to apply: the new secret's hash and hint and the terms for the
+/// old one. The store fills in the old hash from the key as it is inside the
+/// same transaction, so concurrent rotations form a chain.
+#[derive(Debug, Clone)]
+pub struct NewRotation {
+    /// Id for the rotation record.
+    pub id: RotationId,
+    /// Hash of the new secret.
+    pub new_hash: SecretHash,
+    /// Last four characters of the new secret.
+    pub new_hint: String,
+    /// Why.
+    pub reason: RotationReason,
+    /// How long the old secret keeps working.
+    pub grace_period: Duration,
+    /// Who asked.
+    pub rotated_by: Option<String>,
+}
+
+/// The storage backend.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    // ---- keys ----
+
+    /// Inserts a key with its scopes, creating scope names the tenant does not
+    /// have yet. Its policy must exist in its tenant (`NotFound(Policy)`); a
+    /// clash on id or hash is `AlreadyExists`.
+    async fn create_key(&self, key: &ApiKey) -> Result<()>;
+
+    /// One key of the tenant.
+    async fn get_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey>;
+
+    /// The tenant's keys matching the filter, newest first, with the total.
+    async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>>;
+
+    /// Applies an update; a new policy must exist in the tenant.
+    async fn update_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        update: &KeyUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey>;
+
+    /// Deletes a key with its scope links and rotation records.
+    async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()>;
+
+    /// Compare-and-set state change: applies `action` only if the key's state
+    /// allows it (`InvalidStateTransition` otherwise), stamping `revoked_at`
+    /// for a revocation.
+    async fn transition_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        action: KeyAction,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey>;
+
+    /// Replaces the key's secret and writes the rotation record, atomically.
+    /// The record's old hash is the key's hash inside the transaction; grace
+    /// periods of earlier rotations of the key that would outlast this one's
+    /// are cut to end with it. Revoked or expired keys are refused.
+    async fn rotate_key(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        rotation: &NewRotation,
+        now: DateTime<Utc>,
+    ) -> Result<(ApiKey, Rotation)>;
+
+    /// Finds a key by the hash of a presented secret: its current secret, or
+    /// an old one replaced by a rotation. Not tenant-scoped: the key says whose
+    /// it is.
+    async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>>;
+
+    /// Marks up to `limit` active keys whose expiry is at or before `now` as
+    /// expired, returning them (each key is returned by exactly one call).
+    async fn expire_keys(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<ApiKey>>;
+
+    /// Closes up to `limit` rotation grace periods that ended at or before
+    /// `now`, returning the records closed (each once).
+    async fn end_grace_periods(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Rotation>>;
+
+    // ---- scopes of a key ----
+
+    /// Adds scopes to a key, creating unknown names for the tenant.
+    async fn add_key_scopes(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        scopes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey>;
+
+    /// Removes scopes from a key (names it does not hold are ignored).
+    async fn remove_key_scopes(
+        &self,
+        tenant: &Tenant,
+        id: &KeyId,
+        scopes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey>;
+
+    // ---- policies ----
+
+    /// Inserts a policy; its name must be new in the tenant.
+    async fn create_policy(&self, policy: &Policy) -> Result<()>;
+
+    /// One policy of the tenant.
+    async fn get_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<Policy>;
+
+    /// The tenant's policies, newest first.
+    async fn list_policies(&self, tenant: &Tenant, page: &PageRequest) -> Result<Page<Policy>>;
+
+    /// Replaces a policy's spec (and `updated_at`); the name stays unique.
+    async fn update_policy(&self, policy: &Policy) -> Result<()>;
+
+    /// Deletes a policy no key uses (`PolicyInUse` otherwise).
+    async fn delete_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<()>;
+
+    // ---- scopes ----
+
+    /// Inserts a scope; its name must be new in the tenant.
+    async fn create_scope(&self, scope: &Scope) -> Result<()>;
+
+    /// The tenant's scopes by name, optionally only the children of `parent`.
+    async fn list_scopes(
+        &self,
+        tenant: &Tenant,
+        parent: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Page<Scope>>;
+
+    /// Deletes a scope and takes it off every key that held it.
+    async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()>;
+
+    // ---- rotations ----
+
+    /// The key's rotation records, oldest first.
+    async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>>;
+}
