@@ -34,3 +34,7 @@ pub use model::{
 pub use policy::{Policy, PolicySpec, RequestContext};
 pub use secret::{Environment, RawKey, SecretHash};
 pub use store::{KeyUpdate, MemoryStore, Store};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresOptions, PostgresStore};
+#[cfg(feature = "sqlite")]
+pub use store::{SqliteOptions, SqliteStore};

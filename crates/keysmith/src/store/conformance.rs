@@ -2,7 +2,7 @@
 //! functions. Each backend's tests run all of them through
 //! [`conformance_tests!`](crate::conformance_tests), each on a fresh store:
 //!
-//! ```ignore
+//! ```text
 //! keysmith::conformance_tests!(async {
 //!     std::sync::Arc::new(keysmith::MemoryStore::new()) as std::sync::Arc<dyn keysmith::Store>
 //! });

@@ -121,6 +121,10 @@ impl State {
 
 #[async_trait]
 impl Store for MemoryStore {
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn create_key(&self, key: &ApiKey) -> Result<()> {
         let tenant = key.tenant();
         let mut state = self.write();
@@ -186,21 +190,8 @@ impl Store for MemoryStore {
         let mut key = ApiKey::clone(state.key(tenant, id)?);
         if let Some(policy_id) = &update.policy_id {
             state.check_policy(tenant, policy_id.as_ref())?;
-            key.policy_id = *policy_id;
         }
-        if let Some(name) = &update.name {
-            key.name = name.clone();
-        }
-        if let Some(description) = &update.description {
-            key.description = description.clone();
-        }
-        if let Some(metadata) = &update.metadata {
-            key.metadata = metadata.clone();
-        }
-        if let Some(expires_at) = update.expires_at {
-            key.expires_at = expires_at;
-        }
-        key.updated_at = now;
+        update.apply(&mut key, now);
         Ok(state.put_key(key))
     }
 

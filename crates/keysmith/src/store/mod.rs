@@ -8,6 +8,12 @@
 
 pub mod conformance;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,6 +24,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 use crate::error::Result;
 use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
@@ -83,6 +93,28 @@ pub struct KeyUpdate {
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
 
+impl KeyUpdate {
+    /// Applies the update to a key read inside the store's transaction.
+    pub(crate) fn apply(&self, key: &mut ApiKey, now: DateTime<Utc>) {
+        if let Some(name) = &self.name {
+            key.name = name.clone();
+        }
+        if let Some(description) = &self.description {
+            key.description = description.clone();
+        }
+        if let Some(metadata) = &self.metadata {
+            key.metadata = metadata.clone();
+        }
+        if let Some(policy_id) = self.policy_id {
+            key.policy_id = policy_id;
+        }
+        if let Some(expires_at) = self.expires_at {
+            key.expires_at = expires_at;
+        }
+        key.updated_at = now;
+    }
+}
+
 /// Tells a JSON `null` (clear the field) from an absent field (keep it).
 fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,
@@ -112,6 +144,9 @@ pub struct NewRotation {
 /// The storage backend.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Checks the backend is reachable (the health check behind `/readyz`).
+    async fn ping(&self) -> Result<()>;
+
     // ---- keys ----
 
     /// Inserts a key with its scopes, creating scope names the tenant does not

@@ -1,0 +1,185 @@
+//! The conformance suite on SQLite, in a file and in `:memory:`.
+#![cfg(feature = "sqlite")]
+
+use std::sync::Arc;
+
+use keysmith::{SqliteStore, Store};
+
+async fn memory_store() -> Arc<dyn Store> {
+    let store = SqliteStore::open(":memory:").await.expect("open :memory:");
+    store.migrate().await.expect("migrate");
+    Arc::new(store)
+}
+
+async fn file_store() -> Arc<dyn Store> {
+    let dir = std::env::temp_dir().join(format!("keysmith-sqlite-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let store = SqliteStore::open(dir.join("keys.db").to_str().unwrap())
+        .await
+        .expect("open file");
+    store.migrate().await.expect("migrate");
+    Arc::new(store)
+}
+
+mod memory {
+    keysmith::conformance_tests!(super::memory_store());
+}
+
+mod file {
+    keysmith::conformance_tests!(super::file_store());
+}
+
+mod schema {
+    use keysmith::{Engine, Error, SqliteStore, Store};
+    use std::sync::Arc;
+
+    fn temp_path(name: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("keysmith-sqlite-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name).to_str().unwrap().to_owned()
+    }
+
+    async fn names(store: &SqliteStore, kind: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = ? ORDER BY name")
+            .bind(kind)
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn migrations_create_the_seed_tables_and_are_idempotent() {
+        let path = temp_path("new/keys.db");
+        std::fs::remove_dir_all(std::path::Path::new(&path).parent().unwrap()).ok();
+        std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap()).unwrap();
+        let store = SqliteStore::open(&path)
+            .await
+            .expect("a missing file is created");
+        assert!(std::path::Path::new(&path).exists());
+        store.migrate().await.unwrap();
+        store.migrate().await.expect("migrating again is a no-op");
+        let tables = names(&store, "table").await;
+        for table in [
+            "keysmith_keys",
+            "keysmith_policies",
+            "keysmith_scopes",
+            "keysmith_key_scopes",
+            "keysmith_usage",
+            "keysmith_usage_agg",
+            "keysmith_rotations",
+        ] {
+            assert!(tables.contains(&table.to_owned()), "{table} in {tables:?}");
+        }
+        let indexes = names(&store, "index").await;
+        for index in [
+            "idx_keys_hash",
+            "idx_keys_tenant",
+            "idx_keys_state",
+            "idx_keys_expiry",
+        ] {
+            assert!(
+                indexes.contains(&index.to_owned()),
+                "{index} in {indexes:?}"
+            );
+        }
+        let pragma = |p: &'static str| {
+            let pool = store.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, String>(p)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(pragma("PRAGMA journal_mode").await, "wal");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+        store.ping().await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopening_a_file_but_not_memory() {
+        let path = temp_path("keys.db");
+        let tenant = keysmith::Tenant::new("app", "t").unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = Engine::builder(Arc::new(store.clone())).build();
+        let request = keysmith::CreateKey {
+            name: "kept".into(),
+            ..Default::default()
+        };
+        let created = engine.create_key(&tenant, request).await.unwrap();
+        store.close().await;
+        let reopened = SqliteStore::open(&path).await.unwrap();
+        reopened.migrate().await.unwrap();
+        let engine = Engine::builder(Arc::new(reopened)).build();
+        let ctx = keysmith::RequestContext::default();
+        let valid = engine
+            .validate(created.raw_key.expose_secret(), &ctx)
+            .await
+            .unwrap();
+        assert_eq!(valid.key.id, created.key.id);
+
+        let memory = SqliteStore::open(":memory:").await.unwrap();
+        memory.migrate().await.unwrap();
+        let listed = memory
+            .list_keys(&tenant, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(listed.total, 0);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_keysmith_is_refused() {
+        let path = temp_path("keys.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        match store.migrate().await {
+            Err(Error::Store(e)) => {
+                assert!(e.to_string().contains("newer Keysmith"), "{e}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn from_pool_uses_the_applications_pool() {
+        let path = temp_path("keys.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        let store = SqliteStore::from_pool(pool);
+        store.migrate().await.unwrap();
+        store.ping().await.unwrap();
+        let tenant = keysmith::Tenant::new("app", "t").unwrap();
+        assert_eq!(
+            store
+                .list_keys(&tenant, &Default::default())
+                .await
+                .unwrap()
+                .total,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_path_is_refused() {
+        match SqliteStore::open("").await {
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "database_url"),
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+}
