@@ -25,6 +25,7 @@ use crate::store::{KeyUpdate, Lookup, NewRotation, Store};
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 /// What to create a key with.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
@@ -50,6 +51,7 @@ pub struct CreateKey {
     pub expires_at: Option<DateTime<Utc>>,
     /// Free-form metadata.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub metadata: Metadata,
     /// Who is creating it.
     #[serde(default)]
@@ -66,6 +68,7 @@ pub struct CreatedKey {
 }
 
 /// How to rotate a key.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKey {
@@ -75,6 +78,7 @@ pub struct RotateKey {
     /// How long the old secret keeps working: else the policy's grace period,
     /// else 24 hours; a `compromise` rotation defaults to none.
     #[serde(default, with = "duration::serde_human::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
     pub grace_period: Option<Duration>,
     /// Who is rotating it.
     #[serde(default)]
@@ -93,6 +97,7 @@ pub struct RotatedKey {
 }
 
 /// What to create a scope with.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateScope {
@@ -719,10 +724,10 @@ fn check_tenant(tenant: &Tenant) -> Result<()> {
 }
 
 fn check_created_by(who: Option<&str>) -> Result<()> {
-    if who.is_some_and(|w| w.len() > 255) {
+    if who.is_some_and(|w| w.len() > 255 || w.chars().any(char::is_control)) {
         return Err(Error::invalid_input(
             "created_by",
-            "must be at most 255 characters",
+            "must be at most 255 characters without control characters",
         ));
     }
     Ok(())

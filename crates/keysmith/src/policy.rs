@@ -23,6 +23,7 @@ pub const MAX_LIST_LEN: usize = 1000;
 
 /// What a policy says, as written by its owner: the input for creating or
 /// replacing a policy, and the stored form.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
@@ -36,6 +37,7 @@ pub struct PolicySpec {
     pub rate_limit: Option<u64>,
     /// Window of the rate limit (default one second).
     #[serde(default, with = "duration::serde_human::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
     pub rate_limit_window: Option<Duration>,
     /// Requests allowed in a burst above the steady rate.
     #[serde(default)]
@@ -57,12 +59,15 @@ pub struct PolicySpec {
     pub allowed_paths: Vec<String>,
     /// Longest lifetime a key under this policy may have.
     #[serde(default, with = "duration::serde_human::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
     pub max_key_lifetime: Option<Duration>,
     /// How often keys under this policy should be rotated.
     #[serde(default, with = "duration::serde_human::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
     pub rotation_period: Option<Duration>,
     /// Grace period for rotations that do not give one.
     #[serde(default, with = "duration::serde_human::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
     pub grace_period: Option<Duration>,
     /// Successful validations allowed per UTC day.
     #[serde(default)]
@@ -72,10 +77,12 @@ pub struct PolicySpec {
     pub monthly_quota: Option<u64>,
     /// Free-form metadata.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub metadata: Metadata,
 }
 
 /// A stored policy.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 pub struct Policy {
     /// Id.
@@ -92,6 +99,7 @@ pub struct Policy {
     /// Last change.
     pub updated_at: DateTime<Utc>,
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     rules: Arc<Rules>,
 }
 
@@ -352,18 +360,29 @@ pub(crate) fn check_description(description: Option<&str>) -> Result<()> {
             "must be at most 1024 characters",
         ));
     }
+    if description.is_some_and(|d| d.contains('\0')) {
+        return Err(Error::invalid_input(
+            "description",
+            "must not contain NUL characters",
+        ));
+    }
     Ok(())
 }
 
 /// Checks the size of a metadata object.
 pub(crate) fn check_metadata(metadata: &Metadata) -> Result<()> {
-    let size = serde_json::to_vec(metadata)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    if size > MAX_METADATA_BYTES {
+    let json = serde_json::to_string(metadata).unwrap_or_default();
+    if json.len() > MAX_METADATA_BYTES {
         return Err(Error::invalid_input(
             "metadata",
             "must be at most 16 KiB as JSON",
+        ));
+    }
+    // No database keeps NUL in text: refuse it here, the same on every store.
+    if json.contains("\\u0000") {
+        return Err(Error::invalid_input(
+            "metadata",
+            "must not contain NUL characters",
         ));
     }
     Ok(())
@@ -541,6 +560,9 @@ impl PathPattern {
         }
         if s.len() > 1024 {
             return Err("must be at most 1024 characters".into());
+        }
+        if s.chars().any(char::is_control) {
+            return Err("must not contain control characters".into());
         }
         if s.contains(['*', '?', '[']) {
             let pattern = glob::Pattern::new(s).map_err(|e| format!("bad glob: {}", e.msg))?;

@@ -1979,6 +1979,27 @@ pub async fn engine_input_is_checked(store: Arc<dyn Store>) {
             },
             "description",
         ),
+        (
+            CreateKey {
+                description: Some("nul\0".into()),
+                ..key_request("k", &[])
+            },
+            "description",
+        ),
+        (
+            CreateKey {
+                metadata: meta(&[("k", "nul\0".into())]),
+                ..key_request("k", &[])
+            },
+            "metadata",
+        ),
+        (
+            CreateKey {
+                created_by: Some("a\0b".into()),
+                ..key_request("k", &[])
+            },
+            "created_by",
+        ),
     ];
     for (request, field) in cases {
         assert_eq!(field_of(engine.create_key(&tenant, request).await), field);
