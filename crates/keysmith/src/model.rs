@@ -77,6 +77,7 @@ impl fmt::Display for Tenant {
 ///
 /// Allowed moves: active → suspended → active, active|suspended → revoked,
 /// active → expired (by time). Revoked and expired are terminal.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyState {
@@ -192,6 +193,7 @@ impl fmt::Display for KeyAction {
 }
 
 /// An API key as stored: everything but the secret.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ApiKey {
     /// Stable id (unchanged by rotation).
@@ -210,6 +212,7 @@ pub struct ApiKey {
     pub hint: String,
     /// SHA-256 of the current secret.
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub hash: SecretHash,
     /// Environment (`live`, `test`, …).
     pub environment: Environment,
@@ -220,6 +223,7 @@ pub struct ApiKey {
     /// Granted scope names, sorted.
     pub scopes: Vec<String>,
     /// Free-form metadata.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub metadata: Metadata,
     /// Who created it (free text: a user id, a root key id).
     pub created_by: Option<String>,
@@ -253,6 +257,7 @@ impl ApiKey {
 }
 
 /// Why a key was rotated.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RotationReason {
@@ -300,6 +305,7 @@ impl FromStr for RotationReason {
 
 /// A record of one rotation: which secret replaced which, and until when the
 /// old one keeps working.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rotation {
     /// Record id.
@@ -312,14 +318,17 @@ pub struct Rotation {
     pub tenant_id: String,
     /// Hash of the secret that was replaced.
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub old_hash: SecretHash,
     /// Hash of the secret that replaced it.
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub new_hash: SecretHash,
     /// Why.
     pub reason: RotationReason,
     /// Grace period granted to the old secret.
     #[serde(with = "crate::duration::serde_millis")]
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub grace_period: Duration,
     /// When the old secret stops working. A later rotation may bring this
     /// forward (never back): no old secret outlives a newer rotation's grace.
@@ -333,6 +342,7 @@ pub struct Rotation {
 }
 
 /// A named scope of a tenant.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Scope {
     /// Id.
@@ -390,6 +400,7 @@ impl PageRequest {
 }
 
 /// One page of a list, with the total number of matching items.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Page<T> {
     /// The items, newest first.

@@ -96,6 +96,20 @@ impl fmt::Display for Environment {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Environment {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("live, test, staging or 1-16 characters of [a-z0-9]"))
+            .pattern(Some("^[a-z0-9]{1,16}$"))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Environment {}
+
 impl Serialize for Environment {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())

@@ -73,6 +73,7 @@ impl From<&Rotation> for RotatedSecret {
 
 /// A change to a key's editable fields. `None` leaves a field as it is; for
 /// nullable fields `Some(None)` clears it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyUpdate {
@@ -81,15 +82,19 @@ pub struct KeyUpdate {
     pub name: Option<String>,
     /// New description, or `Some(None)` to clear.
     #[serde(default, deserialize_with = "nullable")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub description: Option<Option<String>>,
     /// New metadata (replaces the object).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<Metadata>,
     /// New policy, or `Some(None)` to detach.
     #[serde(default, deserialize_with = "nullable")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub policy_id: Option<Option<PolicyId>>,
     /// New expiry, or `Some(None)` for none.
     #[serde(default, deserialize_with = "nullable")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
 

@@ -1,0 +1,160 @@
+//! `keysmith serve`: the HTTP server, its background sweeps, bootstrap and
+//! graceful shutdown.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keysmith::hooks::{AuditEvent, AuditHook, AuditSink, HookResult, MetricsHook};
+use keysmith::{Engine, Store, Tenant};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState, Limits};
+use crate::config::Config;
+use crate::root;
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0,
+                ])
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); then ours only renders.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Audit events into the log, as structured fields.
+#[derive(Debug, Default)]
+pub struct LogAuditSink;
+
+#[async_trait]
+impl AuditSink for LogAuditSink {
+    async fn record(&self, event: AuditEvent) -> HookResult {
+        tracing::info!(
+            target: "keysmith::audit",
+            action = event.action,
+            outcome = ?event.outcome,
+            severity = ?event.severity,
+            resource = event.resource_type,
+            resource_id = event.resource_id.as_deref().unwrap_or("-"),
+            app_id = event.app_id.as_deref().unwrap_or("-"),
+            tenant_id = event.tenant_id.as_deref().unwrap_or("-"),
+            reason = event.reason.as_deref().unwrap_or("-"),
+            "audit"
+        );
+        Ok(())
+    }
+}
+
+/// The engine the server and CLI use: metrics and audit hooks on.
+pub fn engine(store: Arc<dyn Store>) -> Engine {
+    Engine::builder(store)
+        .hook(Arc::new(MetricsHook))
+        .hook(Arc::new(AuditHook::new(Arc::new(LogAuditSink))))
+        .build()
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let store = crate::store::open(&config).await?;
+    let engine = engine(store.clone());
+    if config.bootstrap && !root::any_exist(&engine).await? {
+        let tenant = Tenant::new("default", "default")?;
+        let created = root::create(&engine, &tenant, Vec::new()).await?;
+        eprintln!(
+            "Created the first root key (keysmith:*, app `default`, tenant `default`).\n\
+             It is shown once; keep it safe:\n\n    {}\n",
+            created.raw_key.expose_secret()
+        );
+    }
+    let state = AppState {
+        engine: engine.clone(),
+        store: store.clone(),
+        metrics: metrics_handle(),
+    };
+    let limits = Limits {
+        body_limit: config.body_limit,
+        request_timeout: config.request_timeout.0,
+    };
+    let app = api::router(state, limits);
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let address = listener.local_addr()?;
+    eprintln!("keysmith listening on http://{address}");
+    tracing::info!(%address, database = %redact_url(&config.database_url), "listening");
+
+    let (stop, stopped) = watch::channel(false);
+    let sweeper = tokio::spawn(sweep(engine.clone(), config.sweep_interval.0, stopped));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shutting down: in-flight requests finished");
+    let _ = stop.send(true);
+    let _ = sweeper.await;
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// Expiry and grace sweeps on a schedule, in capped batches, until told to stop.
+async fn sweep(engine: Engine, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        // Drain in batches of 1000; a failure is logged and retried next tick.
+        loop {
+            match engine.expire_keys(1000).await {
+                Ok(1000) => continue,
+                Ok(n) if n > 0 => tracing::info!(expired = n, "expiry sweep"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "expiry sweep failed"),
+            }
+            break;
+        }
+        if let Err(error) = engine.end_grace_periods(1000).await {
+            tracing::warn!(%error, "grace sweep failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// A database URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
