@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -12,6 +13,8 @@ struct Server {
     child: Child,
     address: String,
     root_key: String,
+    /// Everything the server wrote to stderr after starting.
+    log: Arc<Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -32,7 +35,7 @@ fn start(database_url: &str) -> Server {
             "--database-url",
             database_url,
         ])
-        .env("KEYSMITH_LOG", "warn")
+        .env("KEYSMITH_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -49,12 +52,22 @@ fn start(database_url: &str) -> Server {
             address = Some(a.to_owned());
         }
     }
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr (so the server never blocks on a full pipe) and
+    // keep it, to check no raw key is ever logged.
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
     Server {
         child,
         address: address.unwrap(),
         root_key: root_key.expect("the first start prints a root key"),
+        log,
     }
 }
 
@@ -101,7 +114,8 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-fn lifecycle(server: &Server) {
+/// Drives the life cycle; returns every tenant raw key it was handed.
+fn lifecycle(server: &Server) -> Vec<String> {
     let (status, policy) = call(
         server,
         "POST",
@@ -168,14 +182,25 @@ fn lifecycle(server: &Server) {
     );
     let (status, _) = call(server, "GET", "/readyz", None);
     assert_eq!(status, 200);
+    vec![raw, new_raw]
 }
 
-fn stop(mut server: Server) {
+/// Stops the server with SIGTERM (it must exit 0) and checks that none of
+/// `secrets` (nor the root key, after its one bootstrap print) was logged.
+fn stop(mut server: Server, secrets: &[String]) {
     let pid = server.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("shutting down"), "the log was captured: {log}");
+    for secret in secrets.iter().chain([&server.root_key]) {
+        assert!(
+            !log.contains(&secret[secret.len() - 56..]),
+            "a raw key reached the log"
+        );
+    }
 }
 
 #[test]
@@ -184,8 +209,8 @@ fn sqlite_end_to_end() {
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("keysmith.db");
     let server = start(db.to_str().unwrap());
-    lifecycle(&server);
-    stop(server);
+    let secrets = lifecycle(&server);
+    stop(server, &secrets);
     // The CLI works on the same file; a second start prints no new root key.
     let out = Command::new(env!("CARGO_BIN_EXE_keysmith"))
         .args([
@@ -224,6 +249,6 @@ fn postgres_end_to_end() {
     assert!(status.success());
     let (base, _) = url.rsplit_once('/').unwrap();
     let server = start(&format!("{base}/{name}"));
-    lifecycle(&server);
-    stop(server);
+    let secrets = lifecycle(&server);
+    stop(server, &secrets);
 }
