@@ -244,22 +244,7 @@ impl Store for MemoryStore {
                 field: "hash",
             });
         }
-        let grace = chrono::Duration::from_std(rotation.grace_period)
-            .map_err(|_| Error::invalid_input("grace_period", "is too long"))?;
-        let record = Rotation {
-            id: rotation.id,
-            key_id: key.id,
-            app_id: key.app_id.clone(),
-            tenant_id: key.tenant_id.clone(),
-            old_hash: key.hash,
-            new_hash: rotation.new_hash,
-            reason: rotation.reason,
-            grace_period: rotation.grace_period,
-            grace_ends: now + grace,
-            grace_ended: false,
-            rotated_by: rotation.rotated_by.clone(),
-            created_at: now,
-        };
+        let record = rotation.record(tenant, key.id, key.hash, now)?;
         let history = state.rotations.entry(key.id).or_default();
         for earlier in history.iter_mut() {
             if earlier.grace_ends > record.grace_ends {

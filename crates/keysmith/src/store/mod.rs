@@ -146,6 +146,41 @@ pub struct NewRotation {
     pub rotated_by: Option<String>,
 }
 
+impl NewRotation {
+    /// When the old secret stops working if the rotation happens at `now`.
+    pub fn grace_ends(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+        chrono::Duration::from_std(self.grace_period)
+            .ok()
+            .and_then(|grace| now.checked_add_signed(grace))
+            .ok_or_else(|| crate::Error::invalid_input("grace_period", "is too long"))
+    }
+
+    /// The record of this rotation, replacing `old_hash` of the key `key_id`
+    /// of `tenant` at `now`.
+    pub fn record(
+        &self,
+        tenant: &Tenant,
+        key_id: KeyId,
+        old_hash: SecretHash,
+        now: DateTime<Utc>,
+    ) -> Result<Rotation> {
+        Ok(Rotation {
+            id: self.id,
+            key_id,
+            app_id: tenant.app_id.clone(),
+            tenant_id: tenant.tenant_id.clone(),
+            old_hash,
+            new_hash: self.new_hash,
+            reason: self.reason,
+            grace_period: self.grace_period,
+            grace_ends: self.grace_ends(now)?,
+            grace_ended: false,
+            rotated_by: self.rotated_by.clone(),
+            created_at: now,
+        })
+    }
+}
+
 /// The storage backend.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {

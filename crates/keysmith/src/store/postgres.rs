@@ -831,10 +831,7 @@ impl Store for PostgresStore {
         rotation: &NewRotation,
         now: DateTime<Utc>,
     ) -> Result<(ApiKey, Rotation)> {
-        let grace_ends = chrono::Duration::from_std(rotation.grace_period)
-            .ok()
-            .and_then(|grace| now.checked_add_signed(grace))
-            .ok_or_else(|| Error::invalid_input("grace_period", "is too long"))?;
+        let grace_ends = rotation.grace_ends(now)?;
         let new_hash = rotation.new_hash.to_hex();
         self.bounded(async {
             transaction!(self, |tx| {
@@ -846,20 +843,7 @@ impl Store for PostgresStore {
                         field: "hash",
                     });
                 }
-                let record = Rotation {
-                    id: rotation.id,
-                    key_id: *id,
-                    app_id: tenant.app_id.clone(),
-                    tenant_id: tenant.tenant_id.clone(),
-                    old_hash,
-                    new_hash: rotation.new_hash,
-                    reason: rotation.reason,
-                    grace_period: rotation.grace_period,
-                    grace_ends,
-                    grace_ended: false,
-                    rotated_by: rotation.rotated_by.clone(),
-                    created_at: now,
-                };
+                let record = rotation.record(tenant, *id, old_hash, now)?;
                 // No old secret outlives this rotation's grace.
                 sqlx::query(
                     "UPDATE keysmith_rotations SET grace_ends = $2 \

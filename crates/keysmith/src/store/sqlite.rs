@@ -260,6 +260,30 @@ fn scope_from(row: &SqliteRow) -> Result<Scope> {
     .into_scope()
 }
 
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds a policy's rule columns, `name` to `metadata`, in their table order
+/// (shared by insert and update).
+fn bind_spec<'q>(query: SqliteQuery<'q>, c: &'q PolicyColumns<'q>) -> SqliteQuery<'q> {
+    query
+        .bind(&c.spec.name)
+        .bind(&c.spec.description)
+        .bind(c.rate_limit)
+        .bind(c.rate_limit_window_ms)
+        .bind(c.burst_limit)
+        .bind(c.allowed_scopes.to_string())
+        .bind(c.allowed_ips.to_string())
+        .bind(c.allowed_origins.to_string())
+        .bind(c.allowed_methods.to_string())
+        .bind(c.allowed_paths.to_string())
+        .bind(c.max_key_lifetime_ms)
+        .bind(c.rotation_period_ms)
+        .bind(c.grace_period_ms)
+        .bind(c.daily_quota)
+        .bind(c.monthly_quota)
+        .bind(c.metadata.to_string())
+}
+
 fn limit_offset(page: &PageRequest) -> (i64, i64) {
     (
         i64::from(page.limit.min(MAX_BATCH)),
@@ -556,26 +580,11 @@ impl Store for SqliteStore {
         rotation: &NewRotation,
         now: DateTime<Utc>,
     ) -> Result<(ApiKey, Rotation)> {
-        let grace = chrono::Duration::from_std(rotation.grace_period)
-            .map_err(|_| Error::invalid_input("grace_period", "is too long"))?;
         let mut tx = self.write().await?;
         let mut key = fetch_key(&mut tx, tenant, id).await?;
         KeyAction::Rotate.check(key.state)?;
         check_hash_unused(&mut tx, &rotation.new_hash).await?;
-        let record = Rotation {
-            id: rotation.id,
-            key_id: key.id,
-            app_id: key.app_id.clone(),
-            tenant_id: key.tenant_id.clone(),
-            old_hash: key.hash,
-            new_hash: rotation.new_hash,
-            reason: rotation.reason,
-            grace_period: rotation.grace_period,
-            grace_ends: now + grace,
-            grace_ended: false,
-            rotated_by: rotation.rotated_by.clone(),
-            created_at: now,
-        };
+        let record = rotation.record(tenant, key.id, key.hash, now)?;
         // No older secret outlives this rotation's grace period.
         sqlx::query(
             "UPDATE keysmith_rotations SET grace_ends = ?1 WHERE key_id = ?2 AND grace_ends > ?1",
@@ -756,34 +765,20 @@ impl Store for SqliteStore {
 
     async fn create_policy(&self, policy: &Policy) -> Result<()> {
         let c = PolicyColumns::of(policy)?;
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO keysmith_policies ({POLICY_COLUMNS}) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(policy.id.to_string())
-        .bind(&policy.app_id)
-        .bind(&policy.tenant_id)
-        .bind(&c.spec.name)
-        .bind(&c.spec.description)
-        .bind(c.rate_limit)
-        .bind(c.rate_limit_window_ms)
-        .bind(c.burst_limit)
-        .bind(c.allowed_scopes.to_string())
-        .bind(c.allowed_ips.to_string())
-        .bind(c.allowed_origins.to_string())
-        .bind(c.allowed_methods.to_string())
-        .bind(c.allowed_paths.to_string())
-        .bind(c.max_key_lifetime_ms)
-        .bind(c.rotation_period_ms)
-        .bind(c.grace_period_ms)
-        .bind(c.daily_quota)
-        .bind(c.monthly_quota)
-        .bind(c.metadata.to_string())
-        .bind(ts(policy.created_at))
-        .bind(ts(policy.updated_at))
-        .execute(&self.pool)
-        .await
-        .map_err(db_error(ResourceKind::Policy))?;
+        );
+        let insert = sqlx::query(&sql)
+            .bind(policy.id.to_string())
+            .bind(&policy.app_id)
+            .bind(&policy.tenant_id);
+        bind_spec(insert, &c)
+            .bind(ts(policy.created_at))
+            .bind(ts(policy.updated_at))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error(ResourceKind::Policy))?;
         Ok(())
     }
 
@@ -835,36 +830,21 @@ impl Store for SqliteStore {
 
     async fn update_policy(&self, policy: &Policy) -> Result<()> {
         let c = PolicyColumns::of(policy)?;
-        let updated = sqlx::query(
+        let update = sqlx::query(
             "UPDATE keysmith_policies SET name = ?, description = ?, rate_limit = ?, \
              rate_limit_window_ms = ?, burst_limit = ?, allowed_scopes = ?, allowed_ips = ?, \
              allowed_origins = ?, allowed_methods = ?, allowed_paths = ?, max_key_lifetime_ms = ?, \
              rotation_period_ms = ?, grace_period_ms = ?, daily_quota = ?, monthly_quota = ?, \
              metadata = ?, updated_at = ? WHERE id = ? AND app_id = ? AND tenant_id = ?",
-        )
-        .bind(&c.spec.name)
-        .bind(&c.spec.description)
-        .bind(c.rate_limit)
-        .bind(c.rate_limit_window_ms)
-        .bind(c.burst_limit)
-        .bind(c.allowed_scopes.to_string())
-        .bind(c.allowed_ips.to_string())
-        .bind(c.allowed_origins.to_string())
-        .bind(c.allowed_methods.to_string())
-        .bind(c.allowed_paths.to_string())
-        .bind(c.max_key_lifetime_ms)
-        .bind(c.rotation_period_ms)
-        .bind(c.grace_period_ms)
-        .bind(c.daily_quota)
-        .bind(c.monthly_quota)
-        .bind(c.metadata.to_string())
-        .bind(ts(policy.updated_at))
-        .bind(policy.id.to_string())
-        .bind(&policy.app_id)
-        .bind(&policy.tenant_id)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error(ResourceKind::Policy))?;
+        );
+        let updated = bind_spec(update, &c)
+            .bind(ts(policy.updated_at))
+            .bind(policy.id.to_string())
+            .bind(&policy.app_id)
+            .bind(&policy.tenant_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error(ResourceKind::Policy))?;
         if updated.rows_affected() == 0 {
             return Err(Error::NotFound(ResourceKind::Policy));
         }
