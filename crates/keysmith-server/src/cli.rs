@@ -54,8 +54,47 @@ pub enum Command {
     Scopes(TenantScoped<ScopesCommand>),
     /// A key's rotation history.
     Rotations(TenantScoped<RotationsCommand>),
+    /// A tenant's usage records and per-day / per-month aggregates.
+    Usage(TenantScoped<UsageCommand>),
     /// Validate a raw key (prints the key, or the reason it is refused).
     Validate(ValidateArgs),
+}
+
+/// `usage …`.
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Usage records, newest first.
+    List {
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// From (RFC 3339, inclusive).
+        #[arg(long)]
+        after: Option<DateTime<Utc>>,
+        /// Until (RFC 3339, exclusive).
+        #[arg(long)]
+        before: Option<DateTime<Utc>>,
+        /// Page size (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Items to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// A key's usage per UTC day or month.
+    Aggregate {
+        /// Key id.
+        key_id: String,
+        /// day or month.
+        #[arg(long, default_value = "day")]
+        period: String,
+        /// Periods starting at or after (RFC 3339).
+        #[arg(long)]
+        after: Option<DateTime<Utc>>,
+        /// Periods starting before (RFC 3339).
+        #[arg(long)]
+        before: Option<DateTime<Utc>>,
+    },
 }
 
 /// Flags of `serve`.
@@ -439,6 +478,41 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), CliError> {
             out.rotations(&rotations);
             Ok(())
         }
+        Command::Usage(scoped) => {
+            let tenant = tenant_of(&scoped.app, &scoped.tenant)?;
+            match scoped.command {
+                UsageCommand::List {
+                    key,
+                    after,
+                    before,
+                    limit,
+                    offset,
+                } => {
+                    let filter = keysmith::UsageFilter {
+                        key_id: key.as_deref().map(id::<KeyId>).transpose()?,
+                        after,
+                        before,
+                        page: keysmith::PageRequest::new(limit, offset)?,
+                    };
+                    out.usage(&engine.list_usage(&tenant, &filter).await?);
+                }
+                UsageCommand::Aggregate {
+                    key_id,
+                    period,
+                    after,
+                    before,
+                } => {
+                    let period = period.parse()?;
+                    let key = id::<KeyId>(&key_id)?;
+                    out.aggregates(
+                        &engine
+                            .usage_aggregates(&tenant, &key, period, after, before)
+                            .await?,
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Validate(args) => {
             let request = RequestContext {
                 ip: args.ip,
@@ -813,6 +887,50 @@ impl Output {
             })
             .collect();
         table(&["ID", "NAME", "PARENT"], rows);
+    }
+
+    fn usage(&self, page: &Page<keysmith::UsageRecord>) {
+        if self.json {
+            return self.print_json(page);
+        }
+        let rows = page
+            .items
+            .iter()
+            .map(|u| {
+                vec![
+                    when(Some(u.created_at)),
+                    u.key_id.to_string(),
+                    u.method.clone(),
+                    u.endpoint.clone(),
+                    u.status_code.to_string(),
+                    format!("{}ms", u.latency_ms),
+                ]
+            })
+            .collect();
+        table(
+            &["AT", "KEY", "METHOD", "ENDPOINT", "STATUS", "LATENCY"],
+            rows,
+        );
+        println!("({} of {})", page.items.len(), page.total);
+    }
+
+    fn aggregates(&self, rows: &[keysmith::UsageAggregate]) {
+        if self.json {
+            return self.print_json(&rows);
+        }
+        let rows = rows
+            .iter()
+            .map(|a| {
+                vec![
+                    a.period_start.format("%Y-%m-%d").to_string(),
+                    a.request_count.to_string(),
+                    a.error_count.to_string(),
+                    format!("{}ms", a.p50_latency_ms),
+                    format!("{}ms", a.p99_latency_ms),
+                ]
+            })
+            .collect();
+        table(&["PERIOD", "REQUESTS", "ERRORS", "P50", "P99"], rows);
     }
 
     fn rotations(&self, rotations: &[Rotation]) {

@@ -32,6 +32,8 @@ pub mod scopes {
     pub const SCOPES_WRITE: &str = "keysmith:scopes:write";
     /// Read usage.
     pub const USAGE_READ: &str = "keysmith:usage:read";
+    /// Report usage (`POST /v1/usage`).
+    pub const USAGE_WRITE: &str = "keysmith:usage:write";
 }
 
 /// The tenant that holds root keys.

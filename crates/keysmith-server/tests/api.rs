@@ -759,6 +759,9 @@ async fn health_readiness_metrics_and_openapi() {
         "/v1/policies/{id}",
         "/v1/scopes",
         "/v1/scopes/{id}",
+        "/v1/usage",
+        "/v1/keys/{id}/usage",
+        "/v1/keys/{id}/usage/aggregate",
     ] {
         assert!(
             paths.contains_key(path),
@@ -781,5 +784,78 @@ async fn health_readiness_metrics_and_openapi() {
         &app.get("/v1/keys", &root).await,
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
+    );
+}
+
+#[tokio::test]
+async fn usage_is_recorded_listed_and_aggregated() {
+    let app = app().await;
+    let root = app.root_key("acme", "prod", &[]).await;
+    let other = app.root_key("acme", "other", &[]).await;
+    let (_, k) = app.post("/v1/keys", &root, json!({ "name": "k" })).await;
+    let id = k["key"]["id"].as_str().unwrap().to_owned();
+    let record = |status: u16, at: &str| {
+        json!({
+            "key_id": id, "endpoint": "/orders", "method": "GET", "status_code": status,
+            "latency_ms": 7, "ip": "10.0.0.1", "created_at": at
+        })
+    };
+    let batch = json!({ "records": [record(200, "2030-01-01T10:00:00Z"), record(500, "2030-01-02T10:00:00Z")] });
+    let (status, recorded) = app.post("/v1/usage", &root, batch).await;
+    assert_eq!(
+        (status, recorded["recorded"].as_u64()),
+        (StatusCode::CREATED, Some(2))
+    );
+    let (_, all) = app.get("/v1/usage", &root).await;
+    assert_eq!(all["total"], 2);
+    assert_eq!(all["items"][0]["status_code"], 500, "newest first");
+    let (_, window) = app
+        .get(
+            &format!("/v1/keys/{id}/usage?after=2030-01-02T00:00:00Z"),
+            &root,
+        )
+        .await;
+    assert_eq!(window["total"], 1);
+    let (status, rows) = app
+        .get(&format!("/v1/keys/{id}/usage/aggregate?period=day"), &root)
+        .await;
+    assert_eq!(
+        (status, rows.as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0)),
+        "{rows}"
+    );
+    assert_error(
+        &app.get(&format!("/v1/keys/{id}/usage/aggregate?period=week"), &root)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+    );
+    // Another tenant neither sees nor reports this key's usage.
+    assert_eq!(app.get("/v1/usage", &other).await.1["total"], 0);
+    assert_error(
+        &app.get(&format!("/v1/keys/{id}/usage"), &other).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let theirs = json!({ "records": [record(200, "2030-01-01T10:00:00Z")] });
+    assert_error(
+        &app.post("/v1/usage", &other, theirs).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let bad = json!({ "records": [record(200, "2030-01-01T10:00:00Z"), record(999, "2030-01-01T10:00:00Z")] });
+    let result = app.post("/v1/usage", &root, bad).await;
+    assert_error(&result, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(
+        result.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("records[1].status_code")
+    );
+    let reader = app.root_key("acme", "prod", &["keysmith:keys:read"]).await;
+    assert_error(
+        &app.get("/v1/usage", &reader).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
     );
 }

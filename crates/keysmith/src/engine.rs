@@ -11,10 +11,10 @@ use crate::clock::{Clock, SystemClock, store_precision};
 use crate::duration;
 use crate::error::{Error, Result};
 use crate::hooks::{Failure, Hook, Hooks, run_hooks};
-use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, KeyState, MAX_SCOPES_PER_KEY, Metadata, Page, PageRequest,
-    Rotation, RotationReason, Scope, Tenant,
+    Rotation, RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
 use crate::scope::{self, parent_of, validate_scope_name};
@@ -110,6 +110,39 @@ pub struct CreateScope {
     /// its last `:`).
     #[serde(default)]
     pub parent: Option<String>,
+}
+
+/// Most usage records one call may record.
+pub const MAX_USAGE_BATCH: usize = 1000;
+
+/// A request to record, as a gateway or middleware reports it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUsage {
+    /// The key used (of the caller's tenant).
+    pub key_id: KeyId,
+    /// Endpoint (route or path, 1-1024 characters).
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Response status (100-599).
+    pub status_code: u16,
+    /// Client IP.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Client user agent (at most 512 characters).
+    #[serde(default)]
+    pub user_agent: Option<String>,
+    /// Time to answer, in milliseconds.
+    pub latency_ms: u64,
+    /// Free-form metadata.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub metadata: Metadata,
+    /// When the request was made (default: now).
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// An accepted key.
@@ -689,6 +722,125 @@ impl Engine {
             .await
     }
 
+    // ----------------------------------------------------------------- usage
+
+    /// Records a batch of requests made with the tenant's keys (at most
+    /// [`MAX_USAGE_BATCH`]); every record is checked, and a key of another
+    /// tenant is `NotFound`. Returns how many were recorded.
+    pub async fn record_usage(&self, tenant: &Tenant, batch: Vec<NewUsage>) -> Result<usize> {
+        check_tenant(tenant)?;
+        if batch.len() > MAX_USAGE_BATCH {
+            return Err(Error::invalid_input(
+                "records",
+                "at most 1000 records per call",
+            ));
+        }
+        let now = self.now();
+        let mut keys = std::collections::HashSet::new();
+        let mut records = Vec::with_capacity(batch.len());
+        for (i, usage) in batch.into_iter().enumerate() {
+            let field = |name: &str| format!("records[{i}].{name}");
+            let text_ok = |s: &str, max: usize| {
+                !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+            };
+            if !text_ok(&usage.endpoint, 1024) {
+                return Err(Error::invalid_input(
+                    field("endpoint"),
+                    "must be 1-1024 characters",
+                ));
+            }
+            if usage.method.is_empty()
+                || usage.method.len() > 16
+                || !usage.method.bytes().all(|b| b.is_ascii_alphabetic())
+            {
+                return Err(Error::invalid_input(field("method"), "not an HTTP method"));
+            }
+            if !(100..=599).contains(&usage.status_code) {
+                return Err(Error::invalid_input(
+                    field("status_code"),
+                    "must be 100-599",
+                ));
+            }
+            let ip = match usage.ip.as_deref() {
+                Some(ip) => Some(
+                    ip.parse::<std::net::IpAddr>()
+                        .map_err(|_| Error::invalid_input(field("ip"), "not an IP address"))?
+                        .to_string(),
+                ),
+                None => None,
+            };
+            if usage
+                .user_agent
+                .as_deref()
+                .is_some_and(|ua| !text_ok(ua, 512))
+            {
+                return Err(Error::invalid_input(
+                    field("user_agent"),
+                    "must be 1-512 characters",
+                ));
+            }
+            if usage.latency_ms > 86_400_000 {
+                return Err(Error::invalid_input(
+                    field("latency_ms"),
+                    "must be at most a day",
+                ));
+            }
+            policy::check_metadata(&usage.metadata)
+                .map_err(|_| Error::invalid_input(field("metadata"), "at most 16 KiB, no NUL"))?;
+            keys.insert(usage.key_id);
+            records.push(UsageRecord {
+                id: UsageId::new(),
+                key_id: usage.key_id,
+                app_id: tenant.app_id.clone(),
+                tenant_id: tenant.tenant_id.clone(),
+                endpoint: usage.endpoint,
+                method: usage.method.to_ascii_uppercase(),
+                status_code: usage.status_code,
+                ip,
+                user_agent: usage.user_agent,
+                latency_ms: usage.latency_ms,
+                metadata: usage.metadata,
+                created_at: usage.created_at.map_or(now, store_precision),
+            });
+        }
+        for key in &keys {
+            self.inner.store.get_key(tenant, key).await?;
+        }
+        self.inner.store.insert_usage(&records).await?;
+        Ok(records.len())
+    }
+
+    /// The tenant's usage records, newest first.
+    pub async fn list_usage(
+        &self,
+        tenant: &Tenant,
+        filter: &UsageFilter,
+    ) -> Result<Page<UsageRecord>> {
+        filter.page.check()?;
+        check_range(filter.after, filter.before)?;
+        if let Some(key) = &filter.key_id {
+            self.inner.store.get_key(tenant, key).await?;
+        }
+        self.inner.store.list_usage(tenant, filter).await
+    }
+
+    /// A key's usage per UTC day or month, oldest first.
+    pub async fn usage_aggregates(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        period: UsagePeriod,
+        after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageAggregate>> {
+        check_range(after, before)?;
+        self.inner.store.get_key(tenant, key_id).await?;
+        self.inner
+            .store
+            .list_usage_aggregates(tenant, key_id, period, after, before)
+            .await
+    }
+
     // ---------------------------------------------------------------- sweeps
 
     /// Marks up to `limit` keys past their expiry as expired, firing the
@@ -731,6 +883,15 @@ fn check_created_by(who: Option<&str>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+fn check_range(after: Option<DateTime<Utc>>, before: Option<DateTime<Utc>>) -> Result<()> {
+    match (after, before) {
+        (Some(a), Some(b)) if a >= b => {
+            Err(Error::invalid_input("after", "must be before `before`"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks, sorts and de-duplicates scope names.

@@ -22,14 +22,14 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
-    CreateKey, CreateScope, CreatedKey, DEFAULT_GRACE_PERIOD, Engine, EngineBuilder, RotateKey,
-    RotatedKey, Validation,
+    CreateKey, CreateScope, CreatedKey, DEFAULT_GRACE_PERIOD, Engine, EngineBuilder,
+    MAX_USAGE_BATCH, NewUsage, RotateKey, RotatedKey, Validation,
 };
 pub use error::{Error, ResourceKind, Result};
 pub use id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 pub use model::{
     ApiKey, KeyAction, KeyFilter, KeyState, Metadata, Page, PageRequest, Rotation, RotationReason,
-    Scope, Tenant,
+    Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 pub use policy::{Policy, PolicySpec, RequestContext};
 pub use secret::{Environment, RawKey, SecretHash};

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 use crate::secret::{Environment, SecretHash};
 
 /// Free-form JSON object attached to keys and policies.
@@ -420,6 +420,109 @@ pub struct KeyFilter {
     pub policy_id: Option<PolicyId>,
     /// Only keys created by this principal.
     pub created_by: Option<String>,
+    /// Paging.
+    pub page: PageRequest,
+}
+
+/// One request made with a key, as recorded by the usage pipeline.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRecord {
+    /// Record id.
+    pub id: UsageId,
+    /// The key used.
+    pub key_id: KeyId,
+    /// Owning application.
+    pub app_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Endpoint (route or path).
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Response status.
+    pub status_code: u16,
+    /// Client IP.
+    pub ip: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Time to answer, in milliseconds.
+    pub latency_ms: u64,
+    /// Free-form metadata.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub metadata: Metadata,
+    /// When the request was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The span an aggregate covers (UTC).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsagePeriod {
+    /// A UTC day.
+    Day,
+    /// A UTC month.
+    Month,
+}
+
+impl UsagePeriod {
+    /// The name used in storage and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Month => "month",
+        }
+    }
+}
+
+impl FromStr for UsagePeriod {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "day" => Ok(Self::Day),
+            "month" => Ok(Self::Month),
+            _ => Err(Error::invalid_input("period", "must be day or month")),
+        }
+    }
+}
+
+/// Usage of one key over one UTC day or month.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageAggregate {
+    /// The key.
+    pub key_id: KeyId,
+    /// Owning application.
+    pub app_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Day or month.
+    pub period: UsagePeriod,
+    /// First instant of the period.
+    pub period_start: DateTime<Utc>,
+    /// Requests.
+    pub request_count: u64,
+    /// Requests answered with a status of 400 or more.
+    pub error_count: u64,
+    /// Sum of latencies, in milliseconds.
+    pub total_latency_ms: u64,
+    /// Median latency, in milliseconds.
+    pub p50_latency_ms: u64,
+    /// 99th percentile latency, in milliseconds.
+    pub p99_latency_ms: u64,
+}
+
+/// Filters for listing usage records. Unset fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageFilter {
+    /// Only this key's records.
+    pub key_id: Option<KeyId>,
+    /// Only records created at or after this instant.
+    pub after: Option<DateTime<Utc>>,
+    /// Only records created before this instant.
+    pub before: Option<DateTime<Utc>>,
     /// Paging.
     pub page: PageRequest,
 }

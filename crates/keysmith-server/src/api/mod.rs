@@ -7,6 +7,7 @@ pub mod openapi;
 mod policies;
 mod scopes;
 mod system;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,6 +75,9 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             post(keys::add_scopes).delete(keys::remove_scopes),
         )
         .route("/keys/{id}/rotations", get(keys::rotations))
+        .route("/keys/{id}/usage", get(usage::of_key))
+        .route("/keys/{id}/usage/aggregate", get(usage::aggregate))
+        .route("/usage", post(usage::record).get(usage::list))
         .route("/policies", post(policies::create).get(policies::list))
         .route(
             "/policies/{id}",

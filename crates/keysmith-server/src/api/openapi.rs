@@ -3,7 +3,7 @@
 use utoipa::Modify;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{error, keys, policies, scopes};
+use super::{error, keys, policies, scopes, usage};
 
 /// The whole API.
 #[derive(Debug, utoipa::OpenApi)]
@@ -16,10 +16,11 @@ use super::{error, keys, policies, scopes};
         keys::rotations, keys::validate,
         policies::create, policies::list, policies::get, policies::update, policies::delete,
         scopes::create, scopes::list, scopes::delete,
+        usage::record, usage::list, usage::of_key, usage::aggregate,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&RootKeyAuth),
-    tags((name = "keys"), (name = "policies"), (name = "scopes")),
+    tags((name = "keys"), (name = "policies"), (name = "scopes"), (name = "usage")),
 )]
 pub struct ApiDoc;
 

@@ -22,13 +22,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::clock::ManualClock;
-use crate::engine::{CreateKey, CreateScope, Engine, RotateKey};
+use crate::engine::{CreateKey, CreateScope, Engine, NewUsage, RotateKey};
 use crate::error::{Error, ResourceKind};
 use crate::hooks::{AuditHook, Failure, Hook, HookResult, MemoryAuditSink};
-use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, KeyState, Metadata, PageRequest, Rotation, RotationReason, Scope,
-    Tenant,
+    Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{Policy, PolicySpec, RequestContext};
 use crate::secret::{Environment, RawKey};
@@ -44,13 +44,15 @@ macro_rules! conformance_tests {
             update_key_fields, delete_key_removes_history, transitions_are_compare_and_set,
             rotation_writes_its_record_atomically, lookup_finds_current_and_rotated_secrets,
             expire_keys_once_each, end_grace_periods_once_each, key_scopes_add_and_remove,
-            policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation);
+            policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation,
+            usage_records_insert_and_list, usage_aggregates_upsert_and_list);
         $crate::conformance_tests!(@shared $make;
             concurrent_rotations_form_a_chain, concurrent_policy_creates_one_wins,
             engine_full_lifecycle, engine_validation_outcomes, engine_policy_rules_at_creation,
             engine_rotation_grace_sources, engine_revocation_kills_grace_secrets,
             engine_hooks_run_in_order_and_never_fail_the_operation, engine_expiry_sweep_fires_once,
-            engine_input_is_checked, engine_concurrent_rotations_lose_no_secret);
+            engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
+            engine_usage_is_checked_and_recorded);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1118,6 +1120,170 @@ pub async fn tenant_isolation(store: &dyn Store) {
     assert_eq!(store.list_rotations(&a, &key.id).await.unwrap().len(), 1);
 }
 
+fn usage(tenant: &Tenant, key: KeyId, minutes: i64, status: u16, latency: u64) -> UsageRecord {
+    UsageRecord {
+        id: UsageId::new(),
+        key_id: key,
+        app_id: tenant.app_id.clone(),
+        tenant_id: tenant.tenant_id.clone(),
+        endpoint: "/v1/things".into(),
+        method: "GET".into(),
+        status_code: status,
+        ip: Some("10.0.0.1".into()),
+        user_agent: Some("curl/8".into()),
+        latency_ms: latency,
+        metadata: meta(&[("region", "eu".into())]),
+        created_at: t0() + chrono::Duration::minutes(minutes),
+    }
+}
+
+pub async fn usage_records_insert_and_list(store: &dyn Store) {
+    let tenant = tenant();
+    let (_, a) = stored_key(store, &tenant, "a").await;
+    let (_, b) = stored_key(store, &tenant, "b").await;
+    let records: Vec<UsageRecord> = (0..5)
+        .map(|i| {
+            usage(
+                &tenant,
+                if i < 3 { a.id } else { b.id },
+                i,
+                200 + i as u16,
+                10 * i as u64,
+            )
+        })
+        .collect();
+    store.insert_usage(&records).await.unwrap();
+    let other = tenant_other(&tenant);
+    store
+        .insert_usage(&[usage(&other, KeyId::new(), 1, 200, 1)])
+        .await
+        .unwrap();
+
+    let all = store
+        .list_usage(&tenant, &UsageFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.total, 5);
+    let newest_first: Vec<UsageId> = records.iter().rev().map(|r| r.id).collect();
+    assert_eq!(
+        all.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        newest_first
+    );
+    assert_eq!(
+        all.items[4], records[0],
+        "a record reads back exactly as written"
+    );
+    let of_a = UsageFilter {
+        key_id: Some(a.id),
+        ..Default::default()
+    };
+    assert_eq!(store.list_usage(&tenant, &of_a).await.unwrap().total, 3);
+    let window = UsageFilter {
+        after: Some(t0() + chrono::Duration::minutes(1)),
+        before: Some(t0() + chrono::Duration::minutes(3)),
+        ..Default::default()
+    };
+    let in_window = store.list_usage(&tenant, &window).await.unwrap();
+    assert_eq!(
+        in_window.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [records[2].id, records[1].id]
+    );
+    let paged = UsageFilter {
+        page: page(2, 1),
+        ..Default::default()
+    };
+    let paged = store.list_usage(&tenant, &paged).await.unwrap();
+    assert_eq!(
+        (paged.total, paged.items.len(), paged.items[0].id),
+        (5, 2, records[3].id)
+    );
+    // A batch with a duplicate id is refused whole.
+    let fresh = usage(&tenant, a.id, 9, 500, 1);
+    let batch = [fresh.clone(), records[0].clone()];
+    assert_exists(store.insert_usage(&batch).await, ResourceKind::Usage, "id");
+    assert_eq!(
+        store
+            .list_usage(&tenant, &UsageFilter::default())
+            .await
+            .unwrap()
+            .total,
+        5
+    );
+    store
+        .insert_usage(&[])
+        .await
+        .expect("an empty batch is fine");
+    assert_eq!(
+        store
+            .list_usage(&other, &UsageFilter::default())
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+}
+
+pub async fn usage_aggregates_upsert_and_list(store: &dyn Store) {
+    let tenant = tenant();
+    let (_, key) = stored_key(store, &tenant, "k").await;
+    let row = |period: UsagePeriod, start: DateTime<Utc>, requests: u64| UsageAggregate {
+        key_id: key.id,
+        app_id: tenant.app_id.clone(),
+        tenant_id: tenant.tenant_id.clone(),
+        period,
+        period_start: start,
+        request_count: requests,
+        error_count: requests / 10,
+        total_latency_ms: requests * 7,
+        p50_latency_ms: 5,
+        p99_latency_ms: 90,
+    };
+    let days = [
+        row(UsagePeriod::Day, at(0), 10),
+        row(UsagePeriod::Day, at(1), 20),
+        row(UsagePeriod::Day, at(2), 30),
+    ];
+    store.upsert_usage_aggregates(&days).await.unwrap();
+    store
+        .upsert_usage_aggregates(&[row(UsagePeriod::Month, at(0), 60)])
+        .await
+        .unwrap();
+    let listed = store
+        .list_usage_aggregates(&tenant, &key.id, UsagePeriod::Day, None, None)
+        .await
+        .unwrap();
+    assert_eq!(listed, days, "oldest first, every field");
+    let window = store
+        .list_usage_aggregates(&tenant, &key.id, UsagePeriod::Day, Some(at(1)), Some(at(2)))
+        .await
+        .unwrap();
+    assert_eq!(window, [days[1].clone()]);
+    // Recomputing replaces, never duplicates.
+    let again = row(UsagePeriod::Day, at(1), 25);
+    store
+        .upsert_usage_aggregates(std::slice::from_ref(&again))
+        .await
+        .unwrap();
+    let listed = store
+        .list_usage_aggregates(&tenant, &key.id, UsagePeriod::Day, None, None)
+        .await
+        .unwrap();
+    assert_eq!(listed, [days[0].clone(), again, days[2].clone()]);
+    let months = store
+        .list_usage_aggregates(&tenant, &key.id, UsagePeriod::Month, None, None)
+        .await
+        .unwrap();
+    assert_eq!(months.len(), 1);
+    let other = tenant_other(&tenant);
+    assert!(
+        store
+            .list_usage_aggregates(&other, &key.id, UsagePeriod::Day, None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 // ------------------------------------------------------- concurrency, engine
 
 pub async fn concurrent_rotations_form_a_chain(store: Arc<dyn Store>) {
@@ -2125,4 +2291,104 @@ pub async fn engine_concurrent_rotations_lose_no_secret(store: Arc<dyn Store>) {
             .len(),
         50
     );
+}
+
+pub async fn engine_usage_is_checked_and_recorded(store: Arc<dyn Store>) {
+    let (engine, _clock) = engine_on(store);
+    let tenant = tenant();
+    let key = engine
+        .create_key(&tenant, key_request("k", &[]))
+        .await
+        .unwrap()
+        .key;
+    let theirs = engine
+        .create_key(&tenant_other(&tenant), key_request("t", &[]))
+        .await
+        .unwrap()
+        .key;
+    let report = |key_id: KeyId, status: u16| NewUsage {
+        key_id,
+        endpoint: "/v1/orders".into(),
+        method: "post".into(),
+        status_code: status,
+        ip: Some("::ffff:10.0.0.1".into()),
+        user_agent: Some("sdk/1.0".into()),
+        latency_ms: 12,
+        metadata: Metadata::new(),
+        created_at: None,
+    };
+    let n = engine
+        .record_usage(&tenant, vec![report(key.id, 200), report(key.id, 503)])
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let listed = engine
+        .list_usage(&tenant, &UsageFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 2);
+    let first = &listed.items[0];
+    assert_eq!((first.method.as_str(), first.created_at), ("POST", t0()));
+    assert_eq!(first.ip.as_deref(), Some("::ffff:10.0.0.1"));
+    // Another tenant's key, a bad status, too big a batch: refused, nothing kept.
+    assert_not_found(
+        engine
+            .record_usage(&tenant, vec![report(theirs.id, 200)])
+            .await,
+        ResourceKind::Key,
+    );
+    let field_of = |result: crate::Result<usize>| match result {
+        Err(Error::InvalidInput { field, .. }) => field,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+    assert_eq!(
+        field_of(
+            engine
+                .record_usage(&tenant, vec![report(key.id, 200), report(key.id, 42)])
+                .await
+        ),
+        "records[1].status_code"
+    );
+    let mut bad_ip = report(key.id, 200);
+    bad_ip.ip = Some("nope".into());
+    assert_eq!(
+        field_of(engine.record_usage(&tenant, vec![bad_ip]).await),
+        "records[0].ip"
+    );
+    let many = (0..1001).map(|_| report(key.id, 200)).collect();
+    assert_eq!(
+        field_of(engine.record_usage(&tenant, many).await),
+        "records"
+    );
+    assert_eq!(
+        engine
+            .list_usage(&tenant, &UsageFilter::default())
+            .await
+            .unwrap()
+            .total,
+        2
+    );
+    // Aggregates of another tenant's key do not exist for this one.
+    assert_not_found(
+        engine
+            .usage_aggregates(&tenant, &theirs.id, UsagePeriod::Day, None, None)
+            .await,
+        ResourceKind::Key,
+    );
+    assert!(
+        engine
+            .usage_aggregates(&tenant, &key.id, UsagePeriod::Day, None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let backwards = UsageFilter {
+        after: Some(at(2)),
+        before: Some(at(1)),
+        ..Default::default()
+    };
+    assert!(matches!(
+        engine.list_usage(&tenant, &backwards).await,
+        Err(Error::InvalidInput { .. })
+    ));
 }

@@ -9,9 +9,10 @@ use foldhash::fast::RandomState;
 
 use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
-use crate::id::{KeyId, PolicyId, ScopeId};
+use crate::id::{KeyId, PolicyId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, Scope, Tenant,
+    UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::scope::parent_of;
@@ -36,6 +37,9 @@ struct State {
     old_hashes: Map<SecretHash, KeyId>,
     policies: Map<PolicyId, Arc<Policy>>,
     scopes: Map<ScopeId, Scope>,
+    usage: Vec<UsageRecord>,
+    usage_ids: std::collections::HashSet<UsageId, RandomState>,
+    aggregates: std::collections::BTreeMap<(KeyId, UsagePeriod, DateTime<Utc>), UsageAggregate>,
 }
 
 impl MemoryStore {
@@ -510,5 +514,67 @@ impl Store for MemoryStore {
         let state = self.read();
         state.key(tenant, key_id)?;
         Ok(state.rotations.get(key_id).cloned().unwrap_or_default())
+    }
+
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()> {
+        let mut state = self.write();
+        let mut ids = std::collections::HashSet::new();
+        if records
+            .iter()
+            .any(|r| state.usage_ids.contains(&r.id) || !ids.insert(r.id))
+        {
+            return Err(Error::AlreadyExists {
+                kind: ResourceKind::Usage,
+                field: "id",
+            });
+        }
+        state.usage_ids.extend(ids);
+        state.usage.extend(records.iter().cloned());
+        Ok(())
+    }
+
+    async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>> {
+        let state = self.read();
+        let mut records: Vec<UsageRecord> = state
+            .usage
+            .iter()
+            .filter(|r| r.app_id == tenant.app_id && r.tenant_id == tenant.tenant_id)
+            .filter(|r| filter.key_id.is_none_or(|k| r.key_id == k))
+            .filter(|r| filter.after.is_none_or(|a| r.created_at >= a))
+            .filter(|r| filter.before.is_none_or(|b| r.created_at < b))
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
+        Ok(page(records, &filter.page))
+    }
+
+    async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()> {
+        let mut state = self.write();
+        for row in rows {
+            state
+                .aggregates
+                .insert((row.key_id, row.period, row.period_start), row.clone());
+        }
+        Ok(())
+    }
+
+    async fn list_usage_aggregates(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        period: UsagePeriod,
+        after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageAggregate>> {
+        let state = self.read();
+        Ok(state
+            .aggregates
+            .values()
+            .filter(|a| a.key_id == *key_id && a.period == period)
+            .filter(|a| a.app_id == tenant.app_id && a.tenant_id == tenant.tenant_id)
+            .filter(|a| after.is_none_or(|t| a.period_start >= t))
+            .filter(|a| before.is_none_or(|t| a.period_start < t))
+            .cloned()
+            .collect())
     }
 }

@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, Metadata, Page, PageRequest, Rotation, RotationReason, Scope,
-    Tenant,
+    Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::secret::SecretHash;
@@ -305,4 +305,29 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// The key's rotation records, oldest first.
     async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>>;
+
+    // ---- usage ----
+
+    /// Inserts a batch of usage records in one transaction (records carry
+    /// their tenant; a clash on id is `AlreadyExists`).
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()>;
+
+    /// The tenant's usage records, newest first (`created_at`, then id), with
+    /// the total.
+    async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>>;
+
+    /// Writes aggregate rows, each replacing the row with the same key, period
+    /// and period start (so recomputing is idempotent).
+    async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()>;
+
+    /// A key's aggregate rows of one period kind whose period starts within
+    /// `[after, before)`, oldest first. Another tenant's key has none.
+    async fn list_usage_aggregates(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        period: UsagePeriod,
+        after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageAggregate>>;
 }

@@ -24,6 +24,7 @@ use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, PolicyId, ScopeId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, Scope, Tenant,
+    UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::scope::parent_of;
@@ -35,6 +36,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// How often a transaction is tried when it fails on a serialization failure
 /// or a deadlock.
 const MAX_ATTEMPTS: u32 = 5;
+
+/// Most rows one multi-row INSERT of usage records or aggregates carries
+/// (12 binds a row stays well under PostgreSQL's 65535 parameters).
+const USAGE_CHUNK: usize = 1000;
 
 /// Settings of a [`PostgresStore`]'s connection pool. Start from the
 /// defaults: `PostgresOptions { max_connections: 20, ..Default::default() }`.
@@ -252,6 +257,22 @@ macro_rules! scope_columns {
     };
 }
 
+/// The columns of a usage record aliased `u` (12 columns).
+macro_rules! usage_columns {
+    () => {
+        "u.id, u.key_id, u.app_id, u.tenant_id, u.endpoint, u.method, u.status_code, u.ip, \
+         u.user_agent, u.latency_ms, u.metadata, u.created_at"
+    };
+}
+
+/// The columns of a usage aggregate aliased `a` (10 columns).
+macro_rules! aggregate_columns {
+    () => {
+        "a.key_id, a.app_id, a.tenant_id, a.period, a.period_start, a.request_count, \
+         a.error_count, a.total_latency_ms, a.p50_latency_ms, a.p99_latency_ms"
+    };
+}
+
 /// Reads a row's columns in order.
 struct Cols<'r> {
     row: &'r PgRow,
@@ -369,6 +390,47 @@ impl<'r> Cols<'r> {
             created_at: self.get()?,
         }
         .into_scope()
+    }
+
+    fn usage(&mut self) -> Result<UsageRecord> {
+        let id: String = self.get()?;
+        let key_id: String = self.get()?;
+        Ok(UsageRecord {
+            id: sql::parse("usage id", &id)?,
+            key_id: sql::parse("key id", &key_id)?,
+            app_id: self.get()?,
+            tenant_id: self.get()?,
+            endpoint: self.get()?,
+            method: self.get()?,
+            status_code: {
+                let status: i32 = self.get()?;
+                u16::try_from(status).map_err(|e| corrupt("usage status code", e))?
+            },
+            ip: self.get()?,
+            user_agent: self.get()?,
+            latency_ms: sql::from_i64("usage latency", self.get()?)?,
+            metadata: sql::metadata(self.get()?)?,
+            created_at: self.get()?,
+        })
+    }
+
+    fn aggregate(&mut self) -> Result<UsageAggregate> {
+        let key_id: String = self.get()?;
+        let app_id = self.get()?;
+        let tenant_id = self.get()?;
+        let period: String = self.get()?;
+        Ok(UsageAggregate {
+            key_id: sql::parse("key id", &key_id)?,
+            app_id,
+            tenant_id,
+            period: sql::parse("usage period", &period)?,
+            period_start: self.get()?,
+            request_count: sql::from_i64("request count", self.get()?)?,
+            error_count: sql::from_i64("error count", self.get()?)?,
+            total_latency_ms: sql::from_i64("total latency", self.get()?)?,
+            p50_latency_ms: sql::from_i64("p50 latency", self.get()?)?,
+            p99_latency_ms: sql::from_i64("p99 latency", self.get()?)?,
+        })
     }
 }
 
@@ -589,6 +651,86 @@ fn bind_policy<'q>(
         .bind(c.daily_quota)
         .bind(c.monthly_quota)
         .bind(c.metadata)
+}
+
+macro_rules! usage_filter {
+    () => {
+        "u.app_id = $1 AND u.tenant_id = $2 \
+         AND ($3::text IS NULL OR u.key_id = $3) \
+         AND ($4::timestamptz IS NULL OR u.created_at >= $4) \
+         AND ($5::timestamptz IS NULL OR u.created_at < $5)"
+    };
+}
+
+const LIST_USAGE: &str = concat!(
+    "SELECT ",
+    usage_columns!(),
+    ", count(*) OVER () FROM keysmith_usage u WHERE ",
+    usage_filter!(),
+    " ORDER BY u.created_at DESC, u.id COLLATE \"C\" DESC LIMIT $6 OFFSET $7"
+);
+
+const COUNT_USAGE: &str = concat!(
+    "SELECT count(*) FROM keysmith_usage u WHERE ",
+    usage_filter!()
+);
+
+const LIST_USAGE_AGGREGATES: &str = concat!(
+    "SELECT ",
+    aggregate_columns!(),
+    " FROM keysmith_usage_agg a \
+     WHERE a.key_id = $1 AND a.app_id = $2 AND a.tenant_id = $3 AND a.period = $4 \
+     AND ($5::timestamptz IS NULL OR a.period_start >= $5) \
+     AND ($6::timestamptz IS NULL OR a.period_start < $6) \
+     ORDER BY a.period_start"
+);
+
+/// A usage record's values as `keysmith_usage` holds them.
+struct UsageBinds<'a> {
+    record: &'a UsageRecord,
+    id: String,
+    key_id: String,
+    status_code: i32,
+    latency_ms: i64,
+    metadata: serde_json::Value,
+}
+
+impl<'a> UsageBinds<'a> {
+    fn of(record: &'a UsageRecord) -> Result<Self> {
+        Ok(Self {
+            record,
+            id: record.id.to_string(),
+            key_id: record.key_id.to_string(),
+            status_code: i32::from(record.status_code),
+            latency_ms: to_i64("latency_ms", record.latency_ms)?,
+            metadata: serde_json::Value::Object(record.metadata.clone()),
+        })
+    }
+}
+
+/// A usage aggregate's values as `keysmith_usage_agg` holds them.
+struct AggregateBinds<'a> {
+    row: &'a UsageAggregate,
+    key_id: String,
+    request_count: i64,
+    error_count: i64,
+    total_latency_ms: i64,
+    p50_latency_ms: i64,
+    p99_latency_ms: i64,
+}
+
+impl<'a> AggregateBinds<'a> {
+    fn of(row: &'a UsageAggregate) -> Result<Self> {
+        Ok(Self {
+            row,
+            key_id: row.key_id.to_string(),
+            request_count: to_i64("request_count", row.request_count)?,
+            error_count: to_i64("error_count", row.error_count)?,
+            total_latency_ms: to_i64("total_latency_ms", row.total_latency_ms)?,
+            p50_latency_ms: to_i64("p50_latency_ms", row.p50_latency_ms)?,
+            p99_latency_ms: to_i64("p99_latency_ms", row.p99_latency_ms)?,
+        })
+    }
 }
 
 #[async_trait]
@@ -1277,6 +1419,171 @@ impl Store for PostgresStore {
                 }
             }
             Ok(history)
+        })
+        .await
+    }
+
+    // ---- usage ----
+
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows = records
+            .iter()
+            .map(UsageBinds::of)
+            .collect::<Result<Vec<_>>>()?;
+        self.bounded(async {
+            transaction!(self, |tx| {
+                for chunk in rows.chunks(USAGE_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::<Postgres>::new(
+                        "INSERT INTO keysmith_usage (id, key_id, app_id, tenant_id, endpoint, \
+                         method, status_code, ip, user_agent, latency_ms, metadata, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut b, row| {
+                        b.push_bind(&row.id)
+                            .push_bind(&row.key_id)
+                            .push_bind(&row.record.app_id)
+                            .push_bind(&row.record.tenant_id)
+                            .push_bind(&row.record.endpoint)
+                            .push_bind(&row.record.method)
+                            .push_bind(row.status_code)
+                            .push_bind(&row.record.ip)
+                            .push_bind(&row.record.user_agent)
+                            .push_bind(row.latency_ms)
+                            .push_bind(&row.metadata)
+                            .push_bind(row.record.created_at);
+                    });
+                    // A clash on id, within the batch or with a stored record,
+                    // fails the statement and rolls the whole batch back.
+                    insert
+                        .build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error(ResourceKind::Usage))?;
+                }
+            })
+        })
+        .await
+    }
+
+    async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>> {
+        let (limit, offset) = limit_and_offset(&filter.page)?;
+        let key_id = filter.key_id.map(|k| k.to_string());
+        self.bounded(async {
+            let rows = sqlx::query(LIST_USAGE)
+                .bind(&tenant.app_id)
+                .bind(&tenant.tenant_id)
+                .bind(&key_id)
+                .bind(filter.after)
+                .bind(filter.before)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::store)?;
+            let mut items = Vec::with_capacity(rows.len());
+            let mut count = 0;
+            for row in &rows {
+                let mut cols = Cols::new(row);
+                items.push(cols.usage()?);
+                count = cols.get()?;
+            }
+            if rows.is_empty() && (offset > 0 || limit == 0) {
+                // Past the end: the page holds no row to carry the total.
+                count = sqlx::query_scalar(COUNT_USAGE)
+                    .bind(&tenant.app_id)
+                    .bind(&tenant.tenant_id)
+                    .bind(&key_id)
+                    .bind(filter.after)
+                    .bind(filter.before)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(Error::store)?;
+            }
+            Ok(Page {
+                items,
+                total: total("usage count", count)?,
+            })
+        })
+        .await
+    }
+
+    async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()> {
+        // One row per (key, period, start), the last given winning (one
+        // statement may not update a row twice), in a fixed order so that
+        // concurrent upserts lock rows alike.
+        let mut distinct = std::collections::BTreeMap::new();
+        for row in rows {
+            let binds = AggregateBinds::of(row)?;
+            distinct.insert((binds.key_id.clone(), row.period, row.period_start), binds);
+        }
+        if distinct.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<AggregateBinds<'_>> = distinct.into_values().collect();
+        self.bounded(async {
+            transaction!(self, |tx| {
+                for chunk in rows.chunks(USAGE_CHUNK) {
+                    let mut upsert = sqlx::QueryBuilder::<Postgres>::new(
+                        "INSERT INTO keysmith_usage_agg (key_id, app_id, tenant_id, period, \
+                         period_start, request_count, error_count, total_latency_ms, \
+                         p50_latency_ms, p99_latency_ms, updated_at) ",
+                    );
+                    upsert.push_values(chunk, |mut b, row| {
+                        b.push_bind(&row.key_id)
+                            .push_bind(&row.row.app_id)
+                            .push_bind(&row.row.tenant_id)
+                            .push_bind(row.row.period.as_str())
+                            .push_bind(row.row.period_start)
+                            .push_bind(row.request_count)
+                            .push_bind(row.error_count)
+                            .push_bind(row.total_latency_ms)
+                            .push_bind(row.p50_latency_ms)
+                            .push_bind(row.p99_latency_ms)
+                            .push("now()");
+                    });
+                    upsert.push(
+                        " ON CONFLICT (key_id, period, period_start) DO UPDATE SET \
+                         app_id = EXCLUDED.app_id, tenant_id = EXCLUDED.tenant_id, \
+                         request_count = EXCLUDED.request_count, \
+                         error_count = EXCLUDED.error_count, \
+                         total_latency_ms = EXCLUDED.total_latency_ms, \
+                         p50_latency_ms = EXCLUDED.p50_latency_ms, \
+                         p99_latency_ms = EXCLUDED.p99_latency_ms, \
+                         updated_at = EXCLUDED.updated_at",
+                    );
+                    upsert
+                        .build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::store)?;
+                }
+            })
+        })
+        .await
+    }
+
+    async fn list_usage_aggregates(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        period: UsagePeriod,
+        after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageAggregate>> {
+        self.bounded(async {
+            let rows = sqlx::query(LIST_USAGE_AGGREGATES)
+                .bind(key_id.to_string())
+                .bind(&tenant.app_id)
+                .bind(&tenant.tenant_id)
+                .bind(period.as_str())
+                .bind(after)
+                .bind(before)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::store)?;
+            rows.iter().map(|row| Cols::new(row).aggregate()).collect()
         })
         .await
     }

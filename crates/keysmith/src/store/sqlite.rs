@@ -23,7 +23,10 @@ use super::sql::{
 use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, PolicyId, ScopeId};
-use crate::model::{ApiKey, KeyAction, KeyFilter, Page, PageRequest, Rotation, Scope, Tenant};
+use crate::model::{
+    ApiKey, KeyAction, KeyFilter, Page, PageRequest, Rotation, Scope, Tenant, UsageAggregate,
+    UsageFilter, UsagePeriod, UsageRecord,
+};
 use crate::policy::Policy;
 use crate::scope::parent_of;
 use crate::secret::SecretHash;
@@ -282,6 +285,46 @@ fn bind_spec<'q>(query: SqliteQuery<'q>, c: &'q PolicyColumns<'q>) -> SqliteQuer
         .bind(c.daily_quota)
         .bind(c.monthly_quota)
         .bind(c.metadata.to_string())
+}
+
+const USAGE_COLUMNS: &str = "id, key_id, app_id, tenant_id, endpoint, method, status_code, ip, \
+    user_agent, latency_ms, metadata, created_at";
+
+const AGGREGATE_COLUMNS: &str = "key_id, app_id, tenant_id, period, period_start, request_count, \
+    error_count, total_latency_ms, p50_latency_ms, p99_latency_ms";
+
+fn usage_from(row: &SqliteRow) -> Result<UsageRecord> {
+    let status: i64 = get(row, "status_code")?;
+    Ok(UsageRecord {
+        id: super::sql::parse("usage id", &get::<String>(row, "id")?)?,
+        key_id: super::sql::parse("key id", &get::<String>(row, "key_id")?)?,
+        app_id: get(row, "app_id")?,
+        tenant_id: get(row, "tenant_id")?,
+        endpoint: get(row, "endpoint")?,
+        method: get(row, "method")?,
+        status_code: u16::try_from(status).map_err(|e| corrupt("status code", e))?,
+        ip: get(row, "ip")?,
+        user_agent: get(row, "user_agent")?,
+        latency_ms: super::sql::from_i64("latency", get(row, "latency_ms")?)?,
+        metadata: super::sql::metadata(json("metadata", &get::<String>(row, "metadata")?)?)?,
+        created_at: from_ts("created_at", get(row, "created_at")?)?,
+    })
+}
+
+fn aggregate_from(row: &SqliteRow) -> Result<UsageAggregate> {
+    let count = |column: &str| -> Result<u64> { super::sql::from_i64(column, get(row, column)?) };
+    Ok(UsageAggregate {
+        key_id: super::sql::parse("key id", &get::<String>(row, "key_id")?)?,
+        app_id: get(row, "app_id")?,
+        tenant_id: get(row, "tenant_id")?,
+        period: super::sql::parse("period", &get::<String>(row, "period")?)?,
+        period_start: from_ts("period_start", get(row, "period_start")?)?,
+        request_count: count("request_count")?,
+        error_count: count("error_count")?,
+        total_latency_ms: count("total_latency_ms")?,
+        p50_latency_ms: count("p50_latency_ms")?,
+        p99_latency_ms: count("p99_latency_ms")?,
+    })
 }
 
 fn limit_offset(page: &PageRequest) -> (i64, i64) {
@@ -969,5 +1012,143 @@ impl Store for SqliteStore {
         .map_err(Error::store)?;
         tx.commit().await.map_err(Error::store)?;
         rows.iter().map(rotation_from).collect()
+    }
+
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let to_i64 = super::sql::to_i64;
+        let mut tx = self.write().await?;
+        for chunk in records.chunks(500) {
+            let mut insert =
+                QueryBuilder::new(format!("INSERT INTO keysmith_usage ({USAGE_COLUMNS}) "));
+            let mut bad = None;
+            insert.push_values(chunk, |mut row, r| {
+                let latency = to_i64("latency_ms", r.latency_ms).unwrap_or_else(|e| {
+                    bad = Some(e);
+                    0
+                });
+                row.push_bind(r.id.to_string())
+                    .push_bind(r.key_id.to_string())
+                    .push_bind(r.app_id.clone())
+                    .push_bind(r.tenant_id.clone())
+                    .push_bind(r.endpoint.clone())
+                    .push_bind(r.method.clone())
+                    .push_bind(i64::from(r.status_code))
+                    .push_bind(r.ip.clone())
+                    .push_bind(r.user_agent.clone())
+                    .push_bind(latency)
+                    .push_bind(serde_json::Value::Object(r.metadata.clone()).to_string())
+                    .push_bind(ts(r.created_at));
+            });
+            if let Some(error) = bad {
+                return Err(error);
+            }
+            insert
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error(ResourceKind::Usage))?;
+        }
+        tx.commit().await.map_err(Error::store)
+    }
+
+    async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>> {
+        let push_filter = |q: &mut QueryBuilder<'_, Sqlite>| {
+            q.push(" WHERE app_id = ").push_bind(tenant.app_id.clone());
+            q.push(" AND tenant_id = ")
+                .push_bind(tenant.tenant_id.clone());
+            if let Some(key_id) = &filter.key_id {
+                q.push(" AND key_id = ").push_bind(key_id.to_string());
+            }
+            if let Some(after) = filter.after {
+                q.push(" AND created_at >= ").push_bind(ts(after));
+            }
+            if let Some(before) = filter.before {
+                q.push(" AND created_at < ").push_bind(ts(before));
+            }
+        };
+        let mut tx = self.pool.begin().await.map_err(Error::store)?;
+        let mut count = QueryBuilder::new("SELECT count(*) FROM keysmith_usage");
+        push_filter(&mut count);
+        let total: i64 = count
+            .build_query_scalar()
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+        let (limit, offset) = limit_offset(&filter.page);
+        let mut list = QueryBuilder::new(format!("SELECT {USAGE_COLUMNS} FROM keysmith_usage"));
+        push_filter(&mut list);
+        list.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit);
+        list.push(" OFFSET ").push_bind(offset);
+        let rows = list
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+        tx.commit().await.map_err(Error::store)?;
+        let items = rows.iter().map(usage_from).collect::<Result<_>>()?;
+        Ok(Page {
+            items,
+            total: total as u64,
+        })
+    }
+
+    async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()> {
+        let to_i64 = super::sql::to_i64;
+        let mut tx = self.write().await?;
+        for row in rows {
+            sqlx::query(&format!(
+                "INSERT INTO keysmith_usage_agg ({AGGREGATE_COLUMNS}, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (key_id, period, period_start) DO UPDATE SET \
+                 request_count = excluded.request_count, error_count = excluded.error_count, \
+                 total_latency_ms = excluded.total_latency_ms, \
+                 p50_latency_ms = excluded.p50_latency_ms, p99_latency_ms = excluded.p99_latency_ms, \
+                 updated_at = excluded.updated_at"
+            ))
+            .bind(row.key_id.to_string())
+            .bind(&row.app_id)
+            .bind(&row.tenant_id)
+            .bind(row.period.as_str())
+            .bind(ts(row.period_start))
+            .bind(to_i64("request_count", row.request_count)?)
+            .bind(to_i64("error_count", row.error_count)?)
+            .bind(to_i64("total_latency_ms", row.total_latency_ms)?)
+            .bind(to_i64("p50_latency_ms", row.p50_latency_ms)?)
+            .bind(to_i64("p99_latency_ms", row.p99_latency_ms)?)
+            .bind(ts(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+        }
+        tx.commit().await.map_err(Error::store)
+    }
+
+    async fn list_usage_aggregates(
+        &self,
+        tenant: &Tenant,
+        key_id: &KeyId,
+        period: UsagePeriod,
+        after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageAggregate>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGGREGATE_COLUMNS} FROM keysmith_usage_agg WHERE key_id = ? AND period = ? \
+             AND app_id = ? AND tenant_id = ? AND period_start >= ? AND period_start < ? \
+             ORDER BY period_start"
+        ))
+        .bind(key_id.to_string())
+        .bind(period.as_str())
+        .bind(&tenant.app_id)
+        .bind(&tenant.tenant_id)
+        .bind(after.map_or(i64::MIN, ts))
+        .bind(before.map_or(i64::MAX, ts))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::store)?;
+        rows.iter().map(aggregate_from).collect()
     }
 }
