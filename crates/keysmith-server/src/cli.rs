@@ -424,7 +424,7 @@ fn spec(raw: &str) -> Result<PolicySpec, CliError> {
 /// Runs a command other than `serve`.
 pub async fn run(cli: Cli, config: Config) -> Result<(), CliError> {
     let store: Arc<dyn Store> = crate::store::open(&config).await?;
-    let engine = crate::serve::engine(store.clone());
+    let engine = crate::serve::configured_engine(store.clone(), &config).await?;
     let out = Output { json: cli.json };
     match cli.command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
@@ -524,9 +524,34 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), CliError> {
             };
             match engine.validate(&args.raw_key, &request).await {
                 Ok(valid) => {
+                    if out.json {
+                        out.print_json(&serde_json::json!({
+                            "valid": true,
+                            "key": &*valid.key,
+                            "grace_ends": valid.grace_ends,
+                            "rate_limit": valid.rate_limit,
+                            "quota": valid.quota,
+                        }));
+                        return Ok(());
+                    }
                     out.key(&valid.key);
                     if let Some(ends) = valid.grace_ends {
-                        out.message(&format!("rotated: this secret works until {ends}"));
+                        println!("rotated: this secret works until {ends}");
+                    }
+                    if let Some(rate) = valid.rate_limit {
+                        println!(
+                            "rate limit: {} of {} left, full again in {}s",
+                            rate.remaining, rate.limit, rate.reset_secs
+                        );
+                    }
+                    for q in &valid.quota {
+                        println!(
+                            "{} quota: {} of {} used, resets {}",
+                            q.period.as_str(),
+                            q.used,
+                            q.limit,
+                            q.resets_at
+                        );
                     }
                     Ok(())
                 }

@@ -65,6 +65,28 @@ pub struct Config {
     pub bootstrap: bool,
     /// How often the expiry and grace sweeps run.
     pub sweep_interval: HumanDuration,
+    /// Where rate limits and quotas are kept: `local` (rate limits in
+    /// process, quotas in the database) or `redis` (both in Redis, shared by
+    /// every node).
+    pub limits_backend: LimitsBackend,
+    /// `redis://host:6379/` when `limits_backend = "redis"`.
+    pub redis_url: Option<String>,
+    /// Longest a Redis call may take before the failure mode applies.
+    pub redis_timeout: HumanDuration,
+    /// What to do when Redis cannot answer: `local` (fall back to the
+    /// in-process limiter and the database's quota counts), `fail_open`
+    /// (allow) or `fail_closed` (refuse with 503).
+    pub redis_on_failure: keysmith::ratelimit::redis::FailureMode,
+}
+
+/// Where rate limits and quotas are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    /// In process (rate limits) and in the database (quotas).
+    Local,
+    /// In Redis.
+    Redis,
 }
 
 impl Default for Config {
@@ -80,6 +102,10 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             bootstrap: true,
             sweep_interval: HumanDuration(Duration::from_secs(60)),
+            limits_backend: LimitsBackend::Local,
+            redis_url: None,
+            redis_timeout: HumanDuration(Duration::from_millis(250)),
+            redis_on_failure: keysmith::ratelimit::redis::FailureMode::Local,
         }
     }
 }
@@ -96,6 +122,10 @@ const KNOWN: &[&str] = &[
     "trusted_proxies",
     "bootstrap",
     "sweep_interval",
+    "limits_backend",
+    "redis_url",
+    "redis_timeout",
+    "redis_on_failure",
 ];
 
 /// Loads the configuration from `file` (default `keysmith.toml`, optional), the

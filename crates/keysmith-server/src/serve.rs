@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState, Limits};
-use crate::config::Config;
+use crate::config::{Config, LimitsBackend};
 use crate::root;
 
 /// The process-wide Prometheus recorder (installed once).
@@ -65,10 +65,40 @@ pub fn engine(store: Arc<dyn Store>) -> Engine {
         .build()
 }
 
+/// The engine for `config`: rate limits and quotas in Redis when configured.
+pub async fn configured_engine(store: Arc<dyn Store>, config: &Config) -> anyhow::Result<Engine> {
+    use keysmith::ratelimit::StoreQuotaCounter;
+    use keysmith::ratelimit::redis::{RedisOptions, RedisQuotaCounter, RedisRateLimiter};
+
+    let builder = Engine::builder(store.clone())
+        .hook(Arc::new(MetricsHook))
+        .hook(Arc::new(AuditHook::new(Arc::new(LogAuditSink))));
+    let builder = match config.limits_backend {
+        LimitsBackend::Local => builder,
+        LimitsBackend::Redis => {
+            let url = config.redis_url.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("configuration: limits_backend = \"redis\" needs redis_url")
+            })?;
+            let options = RedisOptions {
+                timeout: config.redis_timeout.0,
+                on_failure: config.redis_on_failure,
+                ..RedisOptions::default()
+            };
+            let limiter = RedisRateLimiter::connect(url, options.clone()).await?;
+            let fallback = Arc::new(StoreQuotaCounter::new(store));
+            let counter = RedisQuotaCounter::connect(url, options, fallback).await?;
+            builder
+                .rate_limiter(Arc::new(limiter))
+                .quota_counter(Arc::new(counter))
+        }
+    };
+    Ok(builder.build())
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = crate::store::open(&config).await?;
-    let engine = engine(store.clone());
+    let engine = configured_engine(store.clone(), &config).await?;
     if config.bootstrap && !root::any_exist(&engine).await? {
         let tenant = Tenant::new("default", "default")?;
         let created = root::create(&engine, &tenant, Vec::new()).await?;

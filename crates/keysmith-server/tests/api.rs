@@ -859,3 +859,64 @@ async fn usage_is_recorded_listed_and_aggregated() {
         "forbidden",
     );
 }
+
+#[tokio::test]
+async fn validate_reports_rate_limit_and_quota_state() {
+    let app = app().await;
+    let root = app.root_key("acme", "prod", &[]).await;
+    let (_, limited) = app
+        .post(
+            "/v1/policies",
+            &root,
+            json!({ "name": "rl", "rate_limit": 2, "rate_limit_window": "1h" }),
+        )
+        .await;
+    let (_, k) = app
+        .post(
+            "/v1/keys",
+            &root,
+            json!({ "name": "k", "policy_id": limited["id"] }),
+        )
+        .await;
+    let body = json!({ "raw_key": k["raw_key"] });
+    let (_, first) = app.post("/v1/keys/validate", &root, body.clone()).await;
+    assert_eq!(first["valid"], true);
+    assert_eq!(first["rate_limit"]["limit"], 2);
+    assert_eq!(first["rate_limit"]["remaining"], 1);
+    app.post("/v1/keys/validate", &root, body.clone()).await;
+    let (status, refused) = app.post("/v1/keys/validate", &root, body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(refused["retry_after"].as_u64().unwrap() >= 1);
+    assert_eq!(refused["rate_limit"]["remaining"], 0);
+
+    let (_, quota) = app
+        .post(
+            "/v1/policies",
+            &root,
+            json!({ "name": "q", "daily_quota": 1 }),
+        )
+        .await;
+    let (_, q) = app
+        .post(
+            "/v1/keys",
+            &root,
+            json!({ "name": "q", "policy_id": quota["id"] }),
+        )
+        .await;
+    let body = json!({ "raw_key": q["raw_key"] });
+    let (_, ok) = app.post("/v1/keys/validate", &root, body.clone()).await;
+    assert_eq!(ok["quota"][0]["used"], 1);
+    assert_eq!(ok["quota"][0]["period"], "day");
+    let (_, over) = app.post("/v1/keys/validate", &root, body).await;
+    assert_eq!(over["code"], "quota_exceeded");
+    assert!(over["resets_at"].is_string());
+    let zero = app
+        .post(
+            "/v1/keys/validate",
+            &root,
+            json!({ "raw_key": q["raw_key"], "cost": 0 }),
+        )
+        .await;
+    assert_error(&zero, StatusCode::BAD_REQUEST, "invalid_input");
+}

@@ -17,6 +17,10 @@ use crate::model::{
     Rotation, RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
+use crate::ratelimit::{
+    LocalRateLimiter, QuotaCounter, QuotaSpec, QuotaState, RateLimitState, RateLimiter, RateSpec,
+    StoreQuotaCounter,
+};
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
 use crate::store::{KeyUpdate, Lookup, NewRotation, Store};
@@ -155,6 +159,10 @@ pub struct Validation {
     /// Set when the presented secret was replaced by a rotation and is still
     /// within its grace period: when that ends.
     pub grace_ends: Option<DateTime<Utc>>,
+    /// The rate limit's state, when the policy sets one.
+    pub rate_limit: Option<RateLimitState>,
+    /// Each quota window's state (this request counted), when the policy sets quotas.
+    pub quota: Vec<QuotaState>,
 }
 
 /// Builds an [`Engine`].
@@ -163,12 +171,27 @@ pub struct EngineBuilder {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     hooks: Hooks,
+    rate_limiter: Option<Arc<dyn RateLimiter>>,
+    quota_counter: Option<Arc<dyn QuotaCounter>>,
 }
 
 impl EngineBuilder {
     /// Uses `clock` instead of the system clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Uses `limiter` for policies' rate limits (default: [`LocalRateLimiter`]).
+    pub fn rate_limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
+        self.rate_limiter = Some(limiter);
+        self
+    }
+
+    /// Uses `counter` for policies' quotas (default: [`StoreQuotaCounter`] on
+    /// the engine's store).
+    pub fn quota_counter(mut self, counter: Arc<dyn QuotaCounter>) -> Self {
+        self.quota_counter = Some(counter);
         self
     }
 
@@ -180,11 +203,19 @@ impl EngineBuilder {
 
     /// The engine.
     pub fn build(self) -> Engine {
+        let rate_limiter = self
+            .rate_limiter
+            .unwrap_or_else(|| Arc::new(LocalRateLimiter::default()));
+        let quota_counter = self
+            .quota_counter
+            .unwrap_or_else(|| Arc::new(StoreQuotaCounter::new(self.store.clone())));
         Engine {
             inner: Arc::new(Inner {
                 store: self.store,
                 clock: self.clock,
                 hooks: self.hooks,
+                rate_limiter,
+                quota_counter,
             }),
         }
     }
@@ -220,6 +251,8 @@ struct Inner {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     hooks: Hooks,
+    rate_limiter: Arc<dyn RateLimiter>,
+    quota_counter: Arc<dyn QuotaCounter>,
 }
 
 impl Engine {
@@ -229,6 +262,8 @@ impl Engine {
             store,
             clock: Arc::new(SystemClock),
             hooks: Hooks::default(),
+            rate_limiter: None,
+            quota_counter: None,
         }
     }
 
@@ -488,6 +523,11 @@ impl Engine {
             let found = self.inner.store.lookup(&hash).await?;
             self.check(found, &hash, request)
         };
+        // 6. Rate limit and 7. quota, for keys that passed everything else.
+        let outcome = match outcome {
+            Ok(valid) if valid.policy.is_some() => self.enforce_limits(valid, request).await?,
+            other => other,
+        };
         match outcome {
             Ok(valid) => {
                 run_hooks!(self.hooks(), "key_validated", |h| h
@@ -495,7 +535,12 @@ impl Engine {
                 Ok(valid)
             }
             Err((error, key)) => {
-                if !self.hooks().is_empty() {
+                // Rate limits and quotas fired their own hooks.
+                let limited = matches!(
+                    error,
+                    Error::RateLimited { .. } | Error::QuotaExceeded { .. }
+                );
+                if !self.hooks().is_empty() && !limited {
                     let failure = Failure {
                         tenant: None,
                         key: key.as_deref(),
@@ -567,15 +612,60 @@ impl Engine {
                 }
             }
         }
-        // 6. Rate limit and 7. quota: enforced here once limiters exist
-        //    (a later change); they return `RateLimited` / `QuotaExceeded` and
-        //    fire the `rate_limited` / `quota_exceeded` hooks.
-        // 8. Accepted. `last_used_at` is written behind by the usage pipeline.
+        // 6 and 7 (rate limit, quota) follow in `enforce_limits`.
         Ok(Validation {
             key,
             policy: found.policy,
             grace_ends,
+            rate_limit: None,
+            quota: Vec::new(),
         })
+    }
+
+    /// Steps 6 (rate limit) and 7 (quota). A refused request consumes no
+    /// quota; a limiter or counter failure is an error, never a pass.
+    async fn enforce_limits(
+        &self,
+        mut valid: Validation,
+        request: &RequestContext,
+    ) -> Result<std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)>> {
+        let Some(policy) = valid.policy.clone() else {
+            return Ok(Ok(valid));
+        };
+        let cost = request.cost.max(1);
+        if let Some(spec) = RateSpec::of(&policy.spec) {
+            let state = self
+                .inner
+                .rate_limiter
+                .check(&valid.key.id, &spec, cost)
+                .await?;
+            valid.rate_limit = Some(state);
+            if !state.allowed {
+                run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(&valid.key));
+                let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
+                return Ok(Err((
+                    Error::RateLimited { retry_after, state },
+                    Some(valid.key),
+                )));
+            }
+        }
+        if let Some(spec) = QuotaSpec::of(&policy.spec) {
+            let now = self.inner.clock.now();
+            let decision = self
+                .inner
+                .quota_counter
+                .consume(&valid.key.id, &spec, cost, now)
+                .await?;
+            if !decision.allowed {
+                run_hooks!(self.hooks(), "quota_exceeded", |h| h
+                    .quota_exceeded(&valid.key));
+                let resets_at = decision.resets_at().unwrap_or(now);
+                return Ok(Err((Error::QuotaExceeded { resets_at }, Some(valid.key))));
+            }
+            valid.quota = decision.windows;
+        }
+        // 8. Accepted. `last_used_at` is written behind by the usage pipeline.
+        Ok(Ok(valid))
     }
 
     // -------------------------------------------------------------- policies

@@ -84,6 +84,8 @@ pub enum Error {
     RateLimited {
         /// How long until a request would be allowed.
         retry_after: Duration,
+        /// The limit's state, for `RateLimit-*` headers.
+        state: crate::ratelimit::RateLimitState,
     },
     /// The key's daily or monthly quota is used up.
     #[error("quota exceeded; resets at {resets_at}")]

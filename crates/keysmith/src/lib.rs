@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod id;
 pub mod model;
 pub mod policy;
+pub mod ratelimit;
 pub mod scope;
 pub mod secret;
 pub mod store;

@@ -688,3 +688,58 @@ async fn server_outage_fails_fast_and_recovers() {
     store.close().await;
     server.stop("fast");
 }
+
+// ------------------------------------------------------------------ quotas
+
+/// Two nodes (two stores, two pools) on one database share a key's quota
+/// exactly: 250 calls each against a daily limit of 100 allow 100 in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_is_exact_across_nodes() {
+    use keysmith::UsagePeriod;
+    use keysmith::ratelimit::QuotaWindow;
+    let url = fresh_database().await;
+    let nodes = [
+        PostgresStore::connect(&url).await.expect("connect node a"),
+        PostgresStore::connect(&url).await.expect("connect node b"),
+    ];
+    nodes[0].migrate().await.expect("migrate");
+    let key = KeyId::new();
+    // Both windows, so every call locks two rows (in one order on both nodes).
+    let windows = [
+        QuotaWindow::containing(UsagePeriod::Month, t0(), 150),
+        QuotaWindow::containing(UsagePeriod::Day, t0(), 100),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..250 {
+        for node in &nodes {
+            let node = node.clone();
+            tasks.spawn(async move { node.consume_quota(&key, &windows, 1).await });
+        }
+    }
+    let (mut allowed, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        let decision = result.expect("task").expect("every call answers");
+        if decision.allowed {
+            allowed += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert_eq!((allowed, refused), (100, 400), "exactly the quota");
+    let last = nodes[1].consume_quota(&key, &windows, 1).await.unwrap();
+    assert!(!last.allowed);
+    let used: Vec<u64> = last.windows.iter().map(|w| w.used).collect();
+    assert_eq!(
+        used,
+        [100, 100],
+        "each window counted every allowed call once"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM keysmith_quota_counters")
+        .fetch_one(nodes[0].pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "one row a window");
+    for node in &nodes {
+        node.close().await;
+    }
+}

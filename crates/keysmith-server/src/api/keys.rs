@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
+use keysmith::ratelimit::{QuotaState, RateLimitState};
 use keysmith::{
     ApiKey, CreateKey, Engine, KeyFilter, KeyId, KeyUpdate, Page, Policy, RequestContext,
     RotateKey, Rotation,
@@ -101,6 +102,35 @@ pub struct ValidateResponse {
     /// Set when the presented secret was rotated out and is in its grace period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_ends: Option<DateTime<Utc>>,
+    /// The rate limit's state, when the key's policy sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitState>,
+    /// Seconds to wait, when refused by the rate limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// Each quota window's state, when the key's policy sets quotas.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quota: Vec<QuotaState>,
+    /// When the exhausted quota resets, when refused by a quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+impl ValidateResponse {
+    fn denied(code: &'static str) -> Self {
+        Self {
+            valid: false,
+            code: Some(code),
+            key: None,
+            scopes: None,
+            policy: None,
+            grace_ends: None,
+            rate_limit: None,
+            retry_after: None,
+            quota: Vec::new(),
+            resets_at: None,
+        }
+    }
 }
 
 /// Create a key; its raw secret is in the answer, once.
@@ -373,15 +403,23 @@ pub async fn validate(
             key: Some(keysmith::ApiKey::clone(&valid.key)),
             policy: valid.policy.as_deref().cloned(),
             grace_ends: valid.grace_ends,
+            rate_limit: valid.rate_limit,
+            retry_after: None,
+            quota: valid.quota,
+            resets_at: None,
         })),
-        Err(error) if error.is_validation_denial() => Ok(Json(ValidateResponse {
-            valid: false,
-            code: Some(error.code()),
-            key: None,
-            scopes: None,
-            policy: None,
-            grace_ends: None,
+        Err(keysmith::Error::RateLimited { retry_after, state }) => Ok(Json(ValidateResponse {
+            rate_limit: Some(state),
+            retry_after: Some(retry_after.as_secs().max(1)),
+            ..ValidateResponse::denied("rate_limited")
         })),
+        Err(keysmith::Error::QuotaExceeded { resets_at }) => Ok(Json(ValidateResponse {
+            resets_at: Some(resets_at),
+            ..ValidateResponse::denied("quota_exceeded")
+        })),
+        Err(error) if error.is_validation_denial() => {
+            Ok(Json(ValidateResponse::denied(error.code())))
+        }
         Err(error) => Err(error.into()),
     }
 }

@@ -45,14 +45,16 @@ macro_rules! conformance_tests {
             rotation_writes_its_record_atomically, lookup_finds_current_and_rotated_secrets,
             expire_keys_once_each, end_grace_periods_once_each, key_scopes_add_and_remove,
             policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation,
-            usage_records_insert_and_list, usage_aggregates_upsert_and_list);
+            usage_records_insert_and_list, usage_aggregates_upsert_and_list,
+            quotas_count_exactly_and_refuse_whole);
         $crate::conformance_tests!(@shared $make;
             concurrent_rotations_form_a_chain, concurrent_policy_creates_one_wins,
             engine_full_lifecycle, engine_validation_outcomes, engine_policy_rules_at_creation,
             engine_rotation_grace_sources, engine_revocation_kills_grace_secrets,
             engine_hooks_run_in_order_and_never_fail_the_operation, engine_expiry_sweep_fires_once,
             engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
-            engine_usage_is_checked_and_recorded);
+            engine_usage_is_checked_and_recorded, engine_rate_limits_and_quotas,
+            engine_quota_is_exact_under_concurrency);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1284,6 +1286,51 @@ pub async fn usage_aggregates_upsert_and_list(store: &dyn Store) {
     );
 }
 
+pub async fn quotas_count_exactly_and_refuse_whole(store: &dyn Store) {
+    use crate::ratelimit::QuotaWindow;
+    let key = KeyId::new();
+    let windows = |now: DateTime<Utc>| {
+        [
+            QuotaWindow::containing(UsagePeriod::Day, now, 3),
+            QuotaWindow::containing(UsagePeriod::Month, now, 5),
+        ]
+    };
+    let used =
+        |d: &crate::ratelimit::QuotaDecision| d.windows.iter().map(|w| w.used).collect::<Vec<_>>();
+    let day1 = windows(at(0));
+    for expected in 1..=3 {
+        let d = store.consume_quota(&key, &day1, 1).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(used(&d), [expected, expected]);
+    }
+    let refused = store.consume_quota(&key, &day1, 1).await.unwrap();
+    assert!(!refused.allowed, "the daily quota is used up");
+    assert_eq!(used(&refused), [3, 3], "a refusal counts nothing");
+    assert_eq!(refused.windows[0].remaining, 0);
+    assert_eq!(refused.resets_at(), Some(at(1)));
+    // The next day: a fresh day, the same month.
+    let day2 = windows(at(1));
+    let d = store.consume_quota(&key, &day2, 2).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(used(&d), [2, 5]);
+    let refused = store.consume_quota(&key, &day2, 1).await.unwrap();
+    assert!(!refused.allowed, "the monthly quota is used up");
+    assert_eq!(used(&refused), [2, 5], "the day was not counted either");
+    assert_eq!(
+        refused.resets_at(),
+        Some("2030-02-01T00:00:00Z".parse().unwrap())
+    );
+    // A cost larger than what is left is refused whole.
+    let other = KeyId::new();
+    assert!(!store.consume_quota(&other, &day1, 4).await.unwrap().allowed);
+    assert_eq!(
+        used(&store.consume_quota(&other, &day1, 3).await.unwrap()),
+        [3, 3]
+    );
+    // No windows, nothing to count.
+    assert!(store.consume_quota(&key, &[], 1).await.unwrap().allowed);
+}
+
 // ------------------------------------------------------- concurrency, engine
 
 pub async fn concurrent_rotations_form_a_chain(store: Arc<dyn Store>) {
@@ -2391,4 +2438,155 @@ pub async fn engine_usage_is_checked_and_recorded(store: Arc<dyn Store>) {
         engine.list_usage(&tenant, &backwards).await,
         Err(Error::InvalidInput { .. })
     ));
+}
+
+pub async fn engine_rate_limits_and_quotas(store: Arc<dyn Store>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(23)));
+    let engine = Engine::builder(store)
+        .clock(clock.clone())
+        .hook(Arc::new(Recorder {
+            label: "h",
+            fail: false,
+            log: log.clone(),
+        }))
+        .build();
+    let tenant = tenant();
+    let limited = engine
+        .create_policy(
+            &tenant,
+            PolicySpec {
+                rate_limit: Some(2),
+                rate_limit_window: Some(Duration::from_secs(3600)),
+                ..policy_spec("rl")
+            },
+        )
+        .await
+        .unwrap();
+    let quota = engine
+        .create_policy(
+            &tenant,
+            PolicySpec {
+                daily_quota: Some(3),
+                monthly_quota: Some(100),
+                ..policy_spec("q")
+            },
+        )
+        .await
+        .unwrap();
+    let ctx = RequestContext::default();
+    let rl_key = engine
+        .create_key(
+            &tenant,
+            CreateKey {
+                policy_id: Some(limited.id),
+                ..key_request("rl", &[])
+            },
+        )
+        .await
+        .unwrap();
+    let raw = rl_key.raw_key.expose_secret();
+    let first = engine.validate(raw, &ctx).await.unwrap();
+    let state = first.rate_limit.expect("rate limit state is reported");
+    assert_eq!((state.limit, state.remaining), (2, 1));
+    engine.validate(raw, &ctx).await.unwrap();
+    match engine.validate(raw, &ctx).await {
+        Err(Error::RateLimited { retry_after, state }) => {
+            assert!(retry_after >= Duration::from_secs(1));
+            assert_eq!((state.allowed, state.remaining), (false, 0));
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+
+    let q_key = engine
+        .create_key(
+            &tenant,
+            CreateKey {
+                policy_id: Some(quota.id),
+                ..key_request("q", &[])
+            },
+        )
+        .await
+        .unwrap();
+    let raw = q_key.raw_key.expose_secret();
+    for used in 1..=3 {
+        let valid = engine.validate(raw, &ctx).await.unwrap();
+        assert_eq!(valid.quota[0].used, used);
+        assert_eq!(valid.quota[0].remaining, 3 - used);
+        assert_eq!(valid.quota[1].used, used, "the month counts too");
+    }
+    match engine.validate(raw, &ctx).await {
+        Err(Error::QuotaExceeded { resets_at }) => {
+            assert_eq!(resets_at, at(1), "resets at UTC midnight")
+        }
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    // Past midnight a new day starts; the month keeps counting.
+    clock.set(at(1));
+    let valid = engine.validate(raw, &ctx).await.unwrap();
+    assert_eq!((valid.quota[0].used, valid.quota[1].used), (1, 4));
+    // A cost is charged as a whole.
+    let costly = RequestContext {
+        cost: 3,
+        ..Default::default()
+    };
+    assert!(matches!(
+        engine.validate(raw, &costly).await,
+        Err(Error::QuotaExceeded { .. })
+    ));
+    let two = RequestContext {
+        cost: 2,
+        ..Default::default()
+    };
+    assert_eq!(engine.validate(raw, &two).await.unwrap().quota[0].used, 3);
+    let fired = log.lock().unwrap().clone();
+    assert_eq!(
+        fired
+            .iter()
+            .filter(|e| *e == "h:validation_failed(rate_limited)")
+            .count(),
+        0
+    );
+    assert!(fired.iter().any(|e| e.starts_with("h:validated")));
+}
+
+pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
+    let (engine, _clock) = engine_on(store);
+    let tenant = tenant();
+    let policy = engine
+        .create_policy(
+            &tenant,
+            PolicySpec {
+                daily_quota: Some(100),
+                ..policy_spec("q")
+            },
+        )
+        .await
+        .unwrap();
+    let created = engine
+        .create_key(
+            &tenant,
+            CreateKey {
+                policy_id: Some(policy.id),
+                ..key_request("hot", &[])
+            },
+        )
+        .await
+        .unwrap();
+    let raw: Arc<str> = created.raw_key.expose_secret().into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let engine = engine.clone();
+        let raw = raw.clone();
+        tasks.spawn(async move { engine.validate(&raw, &RequestContext::default()).await });
+    }
+    let (mut allowed, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.expect("task") {
+            Ok(_) => allowed += 1,
+            Err(Error::QuotaExceeded { .. }) => refused += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((allowed, refused), (100, 400), "exactly the quota");
 }

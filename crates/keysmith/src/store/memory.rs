@@ -15,6 +15,7 @@ use crate::model::{
     UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
+use crate::ratelimit::{QuotaDecision, QuotaWindow};
 use crate::scope::parent_of;
 use crate::secret::SecretHash;
 
@@ -40,6 +41,7 @@ struct State {
     usage: Vec<UsageRecord>,
     usage_ids: std::collections::HashSet<UsageId, RandomState>,
     aggregates: std::collections::BTreeMap<(KeyId, UsagePeriod, DateTime<Utc>), UsageAggregate>,
+    quota_counts: Map<(KeyId, UsagePeriod, DateTime<Utc>), u64>,
 }
 
 impl MemoryStore {
@@ -576,5 +578,31 @@ impl Store for MemoryStore {
             .filter(|a| before.is_none_or(|t| a.period_start < t))
             .cloned()
             .collect())
+    }
+
+    async fn consume_quota(
+        &self,
+        key_id: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+    ) -> Result<QuotaDecision> {
+        let mut state = self.write();
+        let slot = |w: &QuotaWindow| (*key_id, w.period, w.start);
+        let used: Vec<u64> = windows
+            .iter()
+            .map(|w| state.quota_counts.get(&slot(w)).copied().unwrap_or(0))
+            .collect();
+        let fits = windows
+            .iter()
+            .zip(&used)
+            .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
+        if !fits {
+            return Ok(QuotaDecision::from_counts(windows, &used, false));
+        }
+        let after: Vec<u64> = used.iter().map(|u| u + cost).collect();
+        for (w, &count) in windows.iter().zip(&after) {
+            state.quota_counts.insert(slot(w), count);
+        }
+        Ok(QuotaDecision::from_counts(windows, &after, true))
     }
 }

@@ -36,6 +36,7 @@ use crate::model::{
     Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
+use crate::ratelimit::{QuotaDecision, QuotaWindow};
 use crate::secret::SecretHash;
 
 /// What a lookup by hash found: the key, its policy, and, when the hash was a
@@ -305,6 +306,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// The key's rotation records, oldest first.
     async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>>;
+
+    // ---- quotas ----
+
+    /// Adds `cost` to the key's count in every window if each stays within
+    /// its limit, atomically (exact under concurrency, across every node on
+    /// the same database); otherwise changes nothing and refuses. The counts
+    /// returned are each window's after the call.
+    async fn consume_quota(
+        &self,
+        key_id: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+    ) -> Result<QuotaDecision>;
 
     // ---- usage ----
 

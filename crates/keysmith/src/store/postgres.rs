@@ -27,6 +27,7 @@ use crate::model::{
     UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
+use crate::ratelimit::{QuotaDecision, QuotaWindow};
 use crate::scope::parent_of;
 use crate::secret::SecretHash;
 
@@ -1419,6 +1420,113 @@ impl Store for PostgresStore {
                 }
             }
             Ok(history)
+        })
+        .await
+    }
+
+    // ---- quotas ----
+
+    async fn consume_quota(
+        &self,
+        key_id: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+    ) -> Result<QuotaDecision> {
+        if windows.is_empty() {
+            return Ok(QuotaDecision::from_counts(windows, &[], true));
+        }
+        let cost_i64 = to_i64("cost", cost)?;
+        let key = key_id.to_string();
+        // The distinct counters in locking order: period name (as the "C"
+        // collation sorts it), then start. Every call locks its rows in this
+        // order, so two calls on the same key never wait on each other in a
+        // cycle.
+        let mut slots: Vec<(&'static str, DateTime<Utc>)> = windows
+            .iter()
+            .map(|w| (w.period.as_str(), w.start))
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        let periods: Vec<&str> = slots.iter().map(|&(period, _)| period).collect();
+        let starts: Vec<DateTime<Utc>> = slots.iter().map(|&(_, start)| start).collect();
+        self.bounded(async {
+            transaction!(self, |tx| {
+                // A row for every window, so there is always a row to lock. A
+                // row another transaction is inserting is waited for.
+                sqlx::query(
+                    "INSERT INTO keysmith_quota_counters (key_id, period, period_start, used) \
+                     SELECT $1, u.period, u.period_start, 0 \
+                     FROM unnest($2::text[], $3::timestamptz[]) WITH ORDINALITY \
+                     AS u (period, period_start, n) ORDER BY u.n \
+                     ON CONFLICT (key_id, period, period_start) DO NOTHING",
+                )
+                .bind(&key)
+                .bind(&periods)
+                .bind(&starts)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::store)?;
+                // Rows are locked after the sort, so in `slots` order. A row
+                // another transaction updated is read as it committed it.
+                let rows: Vec<(String, DateTime<Utc>, i64)> = sqlx::query_as(
+                    "SELECT period, period_start, used FROM keysmith_quota_counters \
+                     WHERE key_id = $1 AND (period, period_start) IN \
+                     (SELECT * FROM unnest($2::text[], $3::timestamptz[])) \
+                     ORDER BY period COLLATE \"C\", period_start FOR UPDATE",
+                )
+                .bind(&key)
+                .bind(&periods)
+                .bind(&starts)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(Error::store)?;
+                let mut counts = std::collections::HashMap::with_capacity(rows.len());
+                for (period, start, used) in rows {
+                    let period: UsagePeriod = sql::parse("quota period", &period)?;
+                    counts.insert((period, start), sql::from_i64("quota count", used)?);
+                }
+                let mut used = Vec::with_capacity(windows.len());
+                let mut fits = true;
+                for w in windows {
+                    let Some(&count) = counts.get(&(w.period, w.start)) else {
+                        return Err(Error::store(std::io::Error::other(format!(
+                            "the {} quota counter of key {key_id} vanished while it was locked",
+                            w.period.as_str()
+                        ))));
+                    };
+                    // A count past i64::MAX could not be stored: it does not fit.
+                    fits &= count
+                        .checked_add(cost)
+                        .is_some_and(|after| after <= w.limit && i64::try_from(after).is_ok());
+                    used.push(count);
+                }
+                if !fits {
+                    // Nothing is counted, and the rows inserted above go too.
+                    tx.rollback().await.map_err(Error::store)?;
+                    return Ok(QuotaDecision::from_counts(windows, &used, false));
+                }
+                let updated = sqlx::query(
+                    "UPDATE keysmith_quota_counters SET used = used + $4 \
+                     WHERE key_id = $1 AND (period, period_start) IN \
+                     (SELECT * FROM unnest($2::text[], $3::timestamptz[]))",
+                )
+                .bind(&key)
+                .bind(&periods)
+                .bind(&starts)
+                .bind(cost_i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::store)?
+                .rows_affected();
+                if updated != slots.len() as u64 {
+                    return Err(Error::store(std::io::Error::other(format!(
+                        "updated {updated} of {} quota counters of key {key_id}",
+                        slots.len()
+                    ))));
+                }
+                let after: Vec<u64> = used.iter().map(|u| u + cost).collect();
+                QuotaDecision::from_counts(windows, &after, true)
+            })
         })
         .await
     }

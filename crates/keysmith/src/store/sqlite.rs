@@ -28,6 +28,7 @@ use crate::model::{
     UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
+use crate::ratelimit::{QuotaDecision, QuotaWindow};
 use crate::scope::parent_of;
 use crate::secret::SecretHash;
 
@@ -1150,5 +1151,56 @@ impl Store for SqliteStore {
         .await
         .map_err(Error::store)?;
         rows.iter().map(aggregate_from).collect()
+    }
+
+    async fn consume_quota(
+        &self,
+        key_id: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+    ) -> Result<QuotaDecision> {
+        let cost_i64 = super::sql::to_i64("cost", cost)?;
+        // BEGIN IMMEDIATE: the read and the increment happen under the write
+        // lock, so no other writer can slip in between.
+        let mut tx = self.write().await?;
+        let mut used = Vec::with_capacity(windows.len());
+        for w in windows {
+            let count: Option<i64> = sqlx::query_scalar(
+                "SELECT used FROM keysmith_quota_counters \
+                 WHERE key_id = ? AND period = ? AND period_start = ?",
+            )
+            .bind(key_id.to_string())
+            .bind(w.period.as_str())
+            .bind(ts(w.start))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+            used.push(super::sql::from_i64("quota count", count.unwrap_or(0))?);
+        }
+        let fits = windows
+            .iter()
+            .zip(&used)
+            .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
+        if !fits {
+            tx.rollback().await.map_err(Error::store)?;
+            return Ok(QuotaDecision::from_counts(windows, &used, false));
+        }
+        for w in windows {
+            sqlx::query(
+                "INSERT INTO keysmith_quota_counters (key_id, period, period_start, used) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period, period_start) \
+                 DO UPDATE SET used = used + excluded.used",
+            )
+            .bind(key_id.to_string())
+            .bind(w.period.as_str())
+            .bind(ts(w.start))
+            .bind(cost_i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+        }
+        tx.commit().await.map_err(Error::store)?;
+        let after: Vec<u64> = used.iter().map(|u| u + cost).collect();
+        Ok(QuotaDecision::from_counts(windows, &after, true))
     }
 }
