@@ -1,6 +1,8 @@
 //! The in-process rate limiter: GCRA per key with `governor`.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -30,7 +32,7 @@ struct Bucket<C: Clock> {
 pub struct LocalRateLimiter<C: Clock + Clone = DefaultClock> {
     clock: C,
     max_keys: usize,
-    buckets: Mutex<HashMap<KeyId, Bucket<C>>>,
+    buckets: Mutex<HashMap<KeyId, Bucket<C>, RandomState>>,
 }
 
 impl<C: Clock + Clone> fmt::Debug for LocalRateLimiter<C> {
@@ -54,7 +56,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         Self {
             clock,
             max_keys: max_keys.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::default()),
         }
     }
 
@@ -63,7 +65,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, Bucket<C>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, Bucket<C>, RandomState>> {
         self.buckets.lock().unwrap_or_else(|p| p.into_inner())
     }
 

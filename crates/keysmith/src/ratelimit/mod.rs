@@ -160,16 +160,17 @@ impl QuotaWindow {
 /// The UTC day or month containing `now`: its first instant and the next
 /// period's first instant.
 pub fn period_bounds(period: UsagePeriod, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    let date = now.date_naive();
     let midnight =
         |d: chrono::NaiveDate| Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN));
     match period {
+        // UTC days are 86 400 seconds of Unix time: no calendar needed.
         UsagePeriod::Day => {
-            let next = date.succ_opt().unwrap_or(chrono::NaiveDate::MAX);
-            (midnight(date), midnight(next))
+            let start = now.timestamp().div_euclid(86_400) * 86_400;
+            let at = |secs: i64| DateTime::from_timestamp(secs, 0).unwrap_or(now);
+            (at(start), at(start + 86_400))
         }
         UsagePeriod::Month => {
-            let first = date.with_day(1).expect("day 1 exists");
+            let first = now.date_naive().with_day(1).expect("day 1 exists");
             let next = if first.month() == 12 {
                 chrono::NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
             } else {

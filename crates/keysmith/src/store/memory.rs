@@ -588,21 +588,20 @@ impl Store for MemoryStore {
     ) -> Result<QuotaDecision> {
         let mut state = self.write();
         let slot = |w: &QuotaWindow| (*key_id, w.period, w.start);
-        let used: Vec<u64> = windows
+        let mut counts: Vec<u64> = windows
             .iter()
             .map(|w| state.quota_counts.get(&slot(w)).copied().unwrap_or(0))
             .collect();
         let fits = windows
             .iter()
-            .zip(&used)
+            .zip(&counts)
             .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
-        if !fits {
-            return Ok(QuotaDecision::from_counts(windows, &used, false));
+        if fits {
+            for (w, count) in windows.iter().zip(counts.iter_mut()) {
+                *count += cost;
+                state.quota_counts.insert(slot(w), *count);
+            }
         }
-        let after: Vec<u64> = used.iter().map(|u| u + cost).collect();
-        for (w, &count) in windows.iter().zip(&after) {
-            state.quota_counts.insert(slot(w), count);
-        }
-        Ok(QuotaDecision::from_counts(windows, &after, true))
+        Ok(QuotaDecision::from_counts(windows, &counts, fits))
     }
 }
