@@ -525,7 +525,9 @@ impl Engine {
         };
         // 6. Rate limit and 7. quota, for keys that passed everything else.
         let outcome = match outcome {
-            Ok(valid) if valid.policy.is_some() => self.enforce_limits(valid, request).await?,
+            Ok(valid) if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) => {
+                self.enforce_limits(valid, request).await?
+            }
             other => other,
         };
         match outcome {
@@ -973,6 +975,11 @@ fn check_created_by(who: Option<&str>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether a policy sets a rate limit or a quota (so validation has steps 6–7).
+fn has_limits(spec: &PolicySpec) -> bool {
+    spec.rate_limit.is_some() || spec.daily_quota.is_some() || spec.monthly_quota.is_some()
 }
 
 fn check_range(after: Option<DateTime<Utc>>, before: Option<DateTime<Utc>>) -> Result<()> {

@@ -595,20 +595,25 @@ const LIST_KEYS: &str = concat!(
 
 const COUNT_KEYS: &str = concat!("SELECT count(*) FROM keysmith_keys k WHERE ", key_filter!());
 
-const LOOKUP: &str = concat!(
-    "WITH hit AS ( \
-         SELECT 0 AS rank, k.id AS key_id, NULL::text AS rotation_id, \
-                NULL::timestamptz AS grace_ends \
-         FROM keysmith_keys k WHERE k.hash = $1 \
-         UNION ALL \
-         SELECT 1, r.key_id, r.id, r.grace_ends FROM keysmith_rotations r WHERE r.old_hash = $1 \
-         ORDER BY rank LIMIT 1) \
-     SELECT hit.rotation_id, hit.grace_ends, ",
+/// The hot path: a key by its current hash, with its policy, in one index
+/// probe (plus the scopes).
+const LOOKUP_CURRENT: &str = concat!(
+    "SELECT NULL::text AS rotation_id, NULL::timestamptz AS grace_ends, ",
     key_columns!(),
     ", ",
     policy_columns!(),
-    " FROM hit JOIN keysmith_keys k ON k.id = hit.key_id \
-     LEFT JOIN keysmith_policies p ON p.id = k.policy_id"
+    " FROM keysmith_keys k LEFT JOIN keysmith_policies p ON p.id = k.policy_id \
+     WHERE k.hash = $1"
+);
+
+/// On a miss: a key through a rotation that replaced the presented secret.
+const LOOKUP_ROTATED: &str = concat!(
+    "SELECT r.id, r.grace_ends, ",
+    key_columns!(),
+    ", ",
+    policy_columns!(),
+    " FROM keysmith_rotations r JOIN keysmith_keys k ON k.id = r.key_id \
+     LEFT JOIN keysmith_policies p ON p.id = k.policy_id WHERE r.old_hash = $1"
 );
 
 const INSERT_POLICY: &str = "INSERT INTO keysmith_policies (id, app_id, tenant_id, name, \
@@ -1036,12 +1041,20 @@ impl Store for PostgresStore {
 
     async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>> {
         self.bounded(async {
-            let Some(row) = sqlx::query(LOOKUP)
-                .bind(hash.to_hex())
+            let hex = hash.to_hex();
+            let mut row = sqlx::query(LOOKUP_CURRENT)
+                .bind(&hex)
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(Error::store)?
-            else {
+                .map_err(Error::store)?;
+            if row.is_none() {
+                row = sqlx::query(LOOKUP_ROTATED)
+                    .bind(&hex)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(Error::store)?;
+            }
+            let Some(row) = row else {
                 return Ok(None);
             };
             let mut cols = Cols::new(&row);
