@@ -762,6 +762,9 @@ async fn health_readiness_metrics_and_openapi() {
         "/v1/usage",
         "/v1/keys/{id}/usage",
         "/v1/keys/{id}/usage/aggregate",
+        "/healthz",
+        "/readyz",
+        "/metrics",
     ] {
         assert!(
             paths.contains_key(path),

@@ -3,7 +3,7 @@
 use utoipa::Modify;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{error, keys, policies, scopes, usage};
+use super::{error, keys, policies, scopes, system, usage};
 
 /// The whole API.
 #[derive(Debug, utoipa::OpenApi)]
@@ -16,11 +16,12 @@ use super::{error, keys, policies, scopes, usage};
         keys::rotations, keys::validate,
         policies::create, policies::list, policies::get, policies::update, policies::delete,
         scopes::create, scopes::list, scopes::delete,
-        usage::record, usage::list, usage::of_key, usage::aggregate,
+                usage::record, usage::list, usage::of_key, usage::aggregate,
+        system::healthz, system::readyz, system::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&RootKeyAuth),
-    tags((name = "keys"), (name = "policies"), (name = "scopes"), (name = "usage")),
+    tags((name = "keys"), (name = "policies"), (name = "scopes"), (name = "usage"), (name = "system")),
 )]
 pub struct ApiDoc;
 

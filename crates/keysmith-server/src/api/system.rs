@@ -9,17 +9,24 @@ use utoipa::OpenApi;
 use super::{ApiError, AppState};
 
 /// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, description = "alive")))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "system",
+    responses((status = 200, description = "the store answers"),
+        (status = 503, body = super::error::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.store.ping().await?;
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Prometheus text format.
+/// Prometheus text format: validations by outcome, validation latency,
+/// keys created, HTTP requests.
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
