@@ -14,6 +14,8 @@ mod engine;
 pub mod error;
 pub mod hooks;
 pub mod id;
+#[cfg(feature = "axum")]
+pub mod middleware;
 pub mod model;
 pub mod policy;
 pub mod ratelimit;
