@@ -293,7 +293,7 @@ fn key_in_query(query: Option<&str>) -> bool {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             matches!(
                 name.to_ascii_lowercase().as_str(),
-                "api_key" | "apikey" | "key" | "access_token"
+                "api_key" | "apikey" | "access_token"
             ) || crate::secret::ParsedKey::parse(value).is_some()
         })
     })
