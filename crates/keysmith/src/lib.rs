@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod scope;
 pub mod secret;
 pub mod store;
+pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{

@@ -34,8 +34,11 @@ use tower::{Layer, Service};
 
 use crate::engine::{Engine, Validation};
 use crate::error::Error;
+use crate::id::UsageId;
 use crate::model::Tenant;
+use crate::model::UsageRecord;
 use crate::policy::RequestContext;
+use crate::usage::UsageSink;
 
 /// Longest header value read as a key (a raw key is under 100 bytes).
 const MAX_KEY_HEADER: usize = 256;
@@ -46,6 +49,7 @@ struct Settings {
     headers: Vec<HeaderName>,
     trusted_proxies: Vec<IpNet>,
     tenant: Option<Tenant>,
+    usage: Option<UsageSink>,
 }
 
 /// The layer that validates every request's API key.
@@ -65,6 +69,7 @@ impl KeysmithLayer {
             ],
             trusted_proxies: Vec::new(),
             tenant: None,
+            usage: None,
         };
         Self {
             settings: Arc::new(settings),
@@ -77,6 +82,7 @@ impl KeysmithLayer {
             headers: self.settings.headers.clone(),
             trusted_proxies: self.settings.trusted_proxies.clone(),
             tenant: self.settings.tenant.clone(),
+            usage: self.settings.usage.clone(),
         };
         change(&mut settings);
         self.settings = Arc::new(settings);
@@ -94,6 +100,12 @@ impl KeysmithLayer {
     pub fn trusted_proxies(self, ranges: impl IntoIterator<Item = IpNet>) -> Self {
         let ranges = ranges.into_iter().collect();
         self.with(|s| s.trusted_proxies = ranges)
+    }
+
+    /// Records every request that passes into `sink` after its response
+    /// (status, latency, endpoint, method, IP, user agent), without waiting.
+    pub fn usage(self, sink: UsageSink) -> Self {
+        self.with(|s| s.usage = Some(sink))
     }
 
     /// Accepts only keys of this tenant (others are refused like unknown keys).
@@ -162,10 +174,37 @@ where
             };
             match settings.engine.validate(&raw, &context).await {
                 Ok(valid) => {
+                    let started = std::time::Instant::now();
+                    let key = valid.key.clone();
+                    let user_agent = header_str(request.headers(), http::header::USER_AGENT)
+                        .map(|ua| ua.chars().take(512).collect::<String>());
                     request
                         .extensions_mut()
                         .insert(Authenticated(Arc::new(valid)));
-                    inner.call(request).await
+                    let response = inner.call(request).await;
+                    if let (Some(sink), Ok(response)) = (&settings.usage, &response) {
+                        sink.record(UsageRecord {
+                            id: UsageId::new(),
+                            key_id: key.id,
+                            app_id: key.app_id.clone(),
+                            tenant_id: key.tenant_id.clone(),
+                            endpoint: context
+                                .path
+                                .unwrap_or_default()
+                                .chars()
+                                .take(1024)
+                                .collect(),
+                            method: context.method.unwrap_or_default(),
+                            status_code: response.status().as_u16(),
+                            ip: context.ip.map(|ip| ip.to_string()),
+                            user_agent,
+                            latency_ms: u64::try_from(started.elapsed().as_millis())
+                                .unwrap_or(u64::MAX),
+                            metadata: crate::model::Metadata::new(),
+                            created_at: crate::clock::store_precision(chrono::Utc::now()),
+                        });
+                    }
+                    response
                 }
                 Err(error) => Ok(refusal(&error)),
             }

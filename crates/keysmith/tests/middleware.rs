@@ -259,3 +259,115 @@ async fn rate_limits_answer_429_with_headers_and_a_dead_store_503() {
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn usage_is_recorded_after_responses_and_flushed_at_shutdown() {
+    use keysmith::usage::{UsageWriter, UsageWriterOptions};
+    use keysmith::{UsageFilter, model::PageRequest};
+
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = Engine::builder(store.clone()).build();
+    let raw = key(&engine, "svc", &["read"], None).await;
+    // A long interval: only the batch size or the shutdown writes.
+    let options = UsageWriterOptions {
+        capacity: 1000,
+        batch_size: 1000,
+        flush_interval: std::time::Duration::from_secs(3600),
+    };
+    let (writer, sink) = UsageWriter::spawn(store.clone(), options);
+    let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+    let app = Router::new()
+        .route(
+            "/admin",
+            get(whoami).layer(RequireScopesLayer::new(["admin"])),
+        )
+        .route("/hello", get(whoami))
+        .layer(KeysmithLayer::new(engine.clone()).usage(sink.clone()))
+        .layer(MockConnectInfo(peer));
+    let auth = format!("Bearer {raw}");
+    for _ in 0..7 {
+        let request = get_with(
+            "/hello",
+            &[("authorization", &auth), ("user-agent", "sdk/1")],
+        );
+        assert_eq!(send(&app, request).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        send(&app, get_with("/admin", &[("authorization", &auth)]))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    // Refused keys are not usage of any key.
+    assert_eq!(
+        send(&app, get_with("/hello", &[])).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    writer.shutdown().await;
+
+    let tenant = Tenant::new("app", "t").unwrap();
+    let filter = UsageFilter {
+        page: PageRequest::new(100, 0).unwrap(),
+        ..Default::default()
+    };
+    let rows = store.list_usage(&tenant, &filter).await.unwrap();
+    assert_eq!(
+        rows.total, 8,
+        "every answered request of a valid key, flushed at shutdown"
+    );
+    let statuses: Vec<u16> = rows.items.iter().map(|r| r.status_code).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 7);
+    assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 1);
+    let hello = rows.items.iter().find(|r| r.endpoint == "/hello").unwrap();
+    assert_eq!(
+        (
+            hello.method.as_str(),
+            hello.ip.as_deref(),
+            hello.user_agent.as_deref()
+        ),
+        ("GET", Some("192.0.2.1"), Some("sdk/1"))
+    );
+    assert_eq!(sink.dropped(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_and_counts_without_blocking() {
+    use keysmith::usage::{UsageWriter, UsageWriterOptions};
+
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = Engine::builder(store.clone()).build();
+    let raw = key(&engine, "svc", &[], None).await;
+    let options = UsageWriterOptions {
+        capacity: 2,
+        batch_size: 1000,
+        flush_interval: std::time::Duration::from_secs(3600),
+    };
+    // A current-thread test runtime: the writer task cannot drain the queue
+    // while the requests run, so the queue fills.
+    let (writer, sink) = UsageWriter::spawn(store.clone(), options);
+    let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+    let app = Router::new()
+        .route("/hello", get(whoami))
+        .layer(KeysmithLayer::new(engine).usage(sink.clone()))
+        .layer(MockConnectInfo(peer));
+    let auth = format!("Bearer {raw}");
+    for _ in 0..10 {
+        assert_eq!(
+            send(&app, get_with("/hello", &[("authorization", &auth)]))
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(sink.dropped(), 8, "two fit, eight were dropped and counted");
+    writer.shutdown().await;
+    let tenant = Tenant::new("app", "t").unwrap();
+    assert_eq!(
+        store
+            .list_usage(&tenant, &Default::default())
+            .await
+            .unwrap()
+            .total,
+        2
+    );
+}
