@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keysmith::hooks::{AuditEvent, AuditHook, AuditSink, HookResult, MetricsHook};
-use keysmith::{Engine, Store, Tenant};
+use keysmith::{Engine, Store, Tenant, UsagePeriod};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
@@ -156,6 +156,17 @@ async fn sweep(engine: Engine, every: Duration, mut stop: watch::Receiver<bool>)
         }
         if let Err(error) = engine.end_grace_periods(1000).await {
             tracing::warn!(%error, "grace sweep failed");
+        }
+        // Usage aggregates of the current day and month, and of the previous
+        // ones right after they end (the instant one interval ago).
+        let now = chrono::Utc::now();
+        let before = now - chrono::Duration::from_std(every).unwrap_or_default();
+        for period in [UsagePeriod::Day, UsagePeriod::Month] {
+            for at in [before, now] {
+                if let Err(error) = engine.aggregate_usage(period, at).await {
+                    tracing::warn!(%error, "usage aggregation failed");
+                }
+            }
         }
     }
 }

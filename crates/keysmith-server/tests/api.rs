@@ -827,6 +827,23 @@ async fn usage_is_recorded_listed_and_aggregated() {
         (StatusCode::OK, Some(0)),
         "{rows}"
     );
+    // The aggregation worker's pass fills them.
+    let day = "2030-01-02T12:00:00Z".parse().unwrap();
+    app.engine
+        .aggregate_usage(keysmith::UsagePeriod::Day, day)
+        .await
+        .unwrap();
+    let (_, rows) = app
+        .get(&format!("/v1/keys/{id}/usage/aggregate?period=day"), &root)
+        .await;
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(
+        (
+            rows[0]["request_count"].as_u64(),
+            rows[0]["error_count"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
     assert_error(
         &app.get(&format!("/v1/keys/{id}/usage/aggregate?period=week"), &root)
             .await,

@@ -933,6 +933,66 @@ impl Engine {
             .await
     }
 
+    /// Recomputes, from the raw records, every key's aggregate for the UTC day
+    /// or month containing `at`: request and error counts (status ≥ 400),
+    /// total, p50 and p99 latency (nearest rank). Idempotent: running it again
+    /// writes the same rows. Reads the records in pages of 1000. Returns how
+    /// many aggregate rows were written.
+    pub async fn aggregate_usage(&self, period: UsagePeriod, at: DateTime<Utc>) -> Result<usize> {
+        struct Acc {
+            app_id: String,
+            tenant_id: String,
+            latencies: Vec<u64>,
+            errors: u64,
+            total: u64,
+        }
+        let (start, end) = crate::ratelimit::period_bounds(period, at);
+        let mut per_key: std::collections::BTreeMap<KeyId, Acc> = Default::default();
+        let mut offset = 0u64;
+        loop {
+            let page = PageRequest::new(1000, offset)?;
+            let records = self.inner.store.usage_between(start, end, &page).await?;
+            for r in &records {
+                let acc = per_key.entry(r.key_id).or_insert_with(|| Acc {
+                    app_id: r.app_id.clone(),
+                    tenant_id: r.tenant_id.clone(),
+                    latencies: Vec::new(),
+                    errors: 0,
+                    total: 0,
+                });
+                acc.latencies.push(r.latency_ms);
+                acc.errors += u64::from(r.status_code >= 400);
+                acc.total = acc.total.saturating_add(r.latency_ms);
+            }
+            if records.len() < 1000 {
+                break;
+            }
+            offset += records.len() as u64;
+        }
+        let rows: Vec<UsageAggregate> = per_key
+            .into_iter()
+            .map(|(key_id, mut acc)| {
+                acc.latencies.sort_unstable();
+                UsageAggregate {
+                    key_id,
+                    app_id: acc.app_id,
+                    tenant_id: acc.tenant_id,
+                    period,
+                    period_start: start,
+                    request_count: acc.latencies.len() as u64,
+                    error_count: acc.errors,
+                    total_latency_ms: acc.total,
+                    p50_latency_ms: percentile(&acc.latencies, 50),
+                    p99_latency_ms: percentile(&acc.latencies, 99),
+                }
+            })
+            .collect();
+        for chunk in rows.chunks(1000) {
+            self.inner.store.upsert_usage_aggregates(chunk).await?;
+        }
+        Ok(rows.len())
+    }
+
     // ---------------------------------------------------------------- sweeps
 
     /// Marks up to `limit` keys past their expiry as expired, firing the
@@ -975,6 +1035,15 @@ fn check_created_by(who: Option<&str>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The nearest-rank percentile of sorted values (0 for none).
+pub fn percentile(sorted: &[u64], p: u32) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (u64::from(p) * sorted.len() as u64).div_ceil(100).max(1) as usize;
+    sorted[rank.min(sorted.len()) - 1]
 }
 
 /// Whether a policy sets a rate limit or a quota (so validation has steps 6–7).

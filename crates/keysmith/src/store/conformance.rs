@@ -53,7 +53,8 @@ macro_rules! conformance_tests {
             engine_rotation_grace_sources, engine_revocation_kills_grace_secrets,
             engine_hooks_run_in_order_and_never_fail_the_operation, engine_expiry_sweep_fires_once,
             engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
-            engine_usage_is_checked_and_recorded, engine_rate_limits_and_quotas,
+            engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
+            engine_rate_limits_and_quotas,
             engine_quota_is_exact_under_concurrency);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
@@ -2589,4 +2590,118 @@ pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
         }
     }
     assert_eq!((allowed, refused), (100, 400), "exactly the quota");
+}
+
+pub async fn engine_usage_aggregates_match_brute_force(store: Arc<dyn Store>) {
+    let (engine, _clock) = engine_on(store.clone());
+    let tenant = tenant();
+    let a = engine
+        .create_key(&tenant, key_request("a", &[]))
+        .await
+        .unwrap()
+        .key;
+    let b = engine
+        .create_key(&tenant, key_request("b", &[]))
+        .await
+        .unwrap()
+        .key;
+    // Deterministic pseudo-random latencies and statuses over two days.
+    let mut seed = 42u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let mut records = Vec::new();
+    for i in 0..2500 {
+        let key = if i % 3 == 0 { b.id } else { a.id };
+        let status = if next() % 10 == 0 { 500 } else { 200 };
+        let minutes = (next() % (2 * 24 * 60)) as i64;
+        records.push(usage(&tenant, key, minutes, status, next() % 1000));
+    }
+    for chunk in records.chunks(1000) {
+        store.insert_usage(chunk).await.unwrap();
+    }
+    let brute = |key: KeyId, from: DateTime<Utc>, to: DateTime<Utc>| {
+        let mut latencies: Vec<u64> = records
+            .iter()
+            .filter(|r| r.key_id == key && r.created_at >= from && r.created_at < to)
+            .map(|r| r.latency_ms)
+            .collect();
+        latencies.sort();
+        let n = latencies.len();
+        let rank = |p: usize| latencies[((p * n).div_ceil(100)).max(1) - 1];
+        let errors = records
+            .iter()
+            .filter(|r| {
+                r.key_id == key && r.created_at >= from && r.created_at < to && r.status_code >= 400
+            })
+            .count() as u64;
+        (
+            n as u64,
+            errors,
+            latencies.iter().sum::<u64>(),
+            rank(50),
+            rank(99),
+        )
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            engine
+                .aggregate_usage(UsagePeriod::Day, at(0))
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            engine
+                .aggregate_usage(UsagePeriod::Day, at(1))
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            engine
+                .aggregate_usage(UsagePeriod::Month, at(1))
+                .await
+                .unwrap(),
+            2
+        );
+    }
+    for key in [a.id, b.id] {
+        let days = engine
+            .usage_aggregates(&tenant, &key, UsagePeriod::Day, None, None)
+            .await
+            .unwrap();
+        assert_eq!(days.len(), 2, "recomputing never duplicates");
+        for (day, row) in days.iter().enumerate() {
+            assert_eq!(row.period_start, at(day as i64));
+            let expected = brute(key, at(day as i64), at(day as i64 + 1));
+            let got = (
+                row.request_count,
+                row.error_count,
+                row.total_latency_ms,
+                row.p50_latency_ms,
+                row.p99_latency_ms,
+            );
+            assert_eq!(got, expected, "day {day}");
+        }
+        let month = engine
+            .usage_aggregates(&tenant, &key, UsagePeriod::Month, None, None)
+            .await
+            .unwrap();
+        let expected = brute(key, t0(), "2030-02-01T00:00:00Z".parse().unwrap());
+        let row = &month[0];
+        assert_eq!(
+            (
+                row.request_count,
+                row.error_count,
+                row.total_latency_ms,
+                row.p50_latency_ms,
+                row.p99_latency_ms
+            ),
+            expected
+        );
+    }
 }

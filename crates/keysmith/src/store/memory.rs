@@ -604,4 +604,21 @@ impl Store for MemoryStore {
         }
         Ok(QuotaDecision::from_counts(windows, &counts, fits))
     }
+
+    async fn usage_between(
+        &self,
+        after: DateTime<Utc>,
+        before: DateTime<Utc>,
+        page_req: &PageRequest,
+    ) -> Result<Vec<UsageRecord>> {
+        let state = self.read();
+        let mut records: Vec<UsageRecord> = state
+            .usage
+            .iter()
+            .filter(|r| r.created_at >= after && r.created_at < before)
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| (r.created_at, r.id));
+        Ok(page(records, page_req).items)
+    }
 }

@@ -330,6 +330,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// the total.
     async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>>;
 
+    /// Every tenant's usage records created in `[after, before)`, oldest first
+    /// (`created_at`, then id), one page at a time: the aggregation worker's
+    /// input.
+    async fn usage_between(
+        &self,
+        after: DateTime<Utc>,
+        before: DateTime<Utc>,
+        page: &PageRequest,
+    ) -> Result<Vec<UsageRecord>>;
+
     /// Writes aggregate rows, each replacing the row with the same key, period
     /// and period start (so recomputing is idempotent).
     async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()>;

@@ -676,6 +676,13 @@ const LIST_USAGE: &str = concat!(
     " ORDER BY u.created_at DESC, u.id COLLATE \"C\" DESC LIMIT $6 OFFSET $7"
 );
 
+const USAGE_BETWEEN: &str = concat!(
+    "SELECT ",
+    usage_columns!(),
+    " FROM keysmith_usage u WHERE u.created_at >= $1 AND u.created_at < $2 \
+     ORDER BY u.created_at, u.id COLLATE \"C\" LIMIT $3 OFFSET $4"
+);
+
 const COUNT_USAGE: &str = concat!(
     "SELECT count(*) FROM keysmith_usage u WHERE ",
     usage_filter!()
@@ -1584,6 +1591,27 @@ impl Store for PostgresStore {
                         .map_err(db_error(ResourceKind::Usage))?;
                 }
             })
+        })
+        .await
+    }
+
+    async fn usage_between(
+        &self,
+        after: DateTime<Utc>,
+        before: DateTime<Utc>,
+        page: &PageRequest,
+    ) -> Result<Vec<UsageRecord>> {
+        let (limit, offset) = limit_and_offset(page)?;
+        self.bounded(async {
+            let rows = sqlx::query(USAGE_BETWEEN)
+                .bind(after)
+                .bind(before)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::store)?;
+            rows.iter().map(|row| Cols::new(row).usage()).collect()
         })
         .await
     }

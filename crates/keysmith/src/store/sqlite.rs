@@ -1203,4 +1203,25 @@ impl Store for SqliteStore {
         let after: Vec<u64> = used.iter().map(|u| u + cost).collect();
         Ok(QuotaDecision::from_counts(windows, &after, true))
     }
+
+    async fn usage_between(
+        &self,
+        after: DateTime<Utc>,
+        before: DateTime<Utc>,
+        page: &PageRequest,
+    ) -> Result<Vec<UsageRecord>> {
+        let (limit, offset) = limit_offset(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {USAGE_COLUMNS} FROM keysmith_usage WHERE created_at >= ? AND created_at < ? \
+             ORDER BY created_at, id LIMIT ? OFFSET ?"
+        ))
+        .bind(ts(after))
+        .bind(ts(before))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::store)?;
+        rows.iter().map(usage_from).collect()
+    }
 }
