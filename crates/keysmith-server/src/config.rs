@@ -63,8 +63,10 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Create and print a root key on first start with an empty database.
     pub bootstrap: bool,
-    /// How often the expiry and grace sweeps run.
+    /// How often the expiry, grace, aggregation and retention sweeps run.
     pub sweep_interval: HumanDuration,
+    /// How long raw usage records are kept (aggregates stay).
+    pub usage_retention: HumanDuration,
     /// Where rate limits and quotas are kept: `local` (rate limits in
     /// process, quotas in the database) or `redis` (both in Redis, shared by
     /// every node).
@@ -102,6 +104,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             bootstrap: true,
             sweep_interval: HumanDuration(Duration::from_secs(60)),
+            usage_retention: HumanDuration(Duration::from_secs(90 * 86_400)),
             limits_backend: LimitsBackend::Local,
             redis_url: None,
             redis_timeout: HumanDuration(Duration::from_millis(250)),
@@ -122,6 +125,7 @@ const KNOWN: &[&str] = &[
     "trusted_proxies",
     "bootstrap",
     "sweep_interval",
+    "usage_retention",
     "limits_backend",
     "redis_url",
     "redis_timeout",

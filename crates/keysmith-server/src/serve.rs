@@ -124,7 +124,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%address, database = %redact_url(&config.database_url), "listening");
 
     let (stop, stopped) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep(engine.clone(), config.sweep_interval.0, stopped));
+    let sweeper = tokio::spawn(sweep(
+        engine.clone(),
+        config.sweep_interval.0,
+        config.usage_retention.0,
+        stopped,
+    ));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -136,7 +141,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Expiry and grace sweeps on a schedule, in capped batches, until told to stop.
-async fn sweep(engine: Engine, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn sweep(
+    engine: Engine,
+    every: Duration,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -167,6 +177,11 @@ async fn sweep(engine: Engine, every: Duration, mut stop: watch::Receiver<bool>)
                     tracing::warn!(%error, "usage aggregation failed");
                 }
             }
+        }
+        match engine.purge_usage(retention, 10_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "usage retention"),
+            Err(error) => tracing::warn!(%error, "usage retention failed"),
         }
     }
 }

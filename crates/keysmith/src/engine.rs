@@ -993,6 +993,23 @@ impl Engine {
         Ok(rows.len())
     }
 
+    /// Deletes raw usage records older than `retention`, in batches of
+    /// `batch` until none is left. Returns how many went.
+    pub async fn purge_usage(&self, retention: Duration, batch: u32) -> Result<u64> {
+        let retention = chrono::Duration::from_std(retention)
+            .map_err(|_| Error::invalid_input("retention", "is too long"))?;
+        let cutoff = self.now() - retention;
+        let batch = batch.max(1);
+        let mut purged = 0;
+        loop {
+            let n = self.inner.store.purge_usage(cutoff, batch).await?;
+            purged += n;
+            if n < u64::from(batch) {
+                return Ok(purged);
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- sweeps
 
     /// Marks up to `limit` keys past their expiry as expired, firing the

@@ -46,7 +46,7 @@ macro_rules! conformance_tests {
             expire_keys_once_each, end_grace_periods_once_each, key_scopes_add_and_remove,
             policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation,
             usage_records_insert_and_list, usage_aggregates_upsert_and_list,
-            quotas_count_exactly_and_refuse_whole);
+            quotas_count_exactly_and_refuse_whole, usage_retention_purges_oldest_first);
         $crate::conformance_tests!(@shared $make;
             concurrent_rotations_form_a_chain, concurrent_policy_creates_one_wins,
             engine_full_lifecycle, engine_validation_outcomes, engine_policy_rules_at_creation,
@@ -1330,6 +1330,36 @@ pub async fn quotas_count_exactly_and_refuse_whole(store: &dyn Store) {
     );
     // No windows, nothing to count.
     assert!(store.consume_quota(&key, &[], 1).await.unwrap().allowed);
+}
+
+pub async fn usage_retention_purges_oldest_first(store: &dyn Store) {
+    let tenant = tenant();
+    let key = KeyId::new();
+    let records: Vec<UsageRecord> = (0..6)
+        .map(|day| usage(&tenant, key, day * 24 * 60, 200, 1))
+        .collect();
+    store.insert_usage(&records).await.unwrap();
+    // Older than day 4: days 0-3 go, in capped batches, oldest first.
+    assert_eq!(store.purge_usage(at(4), 3).await.unwrap(), 3);
+    let left = store
+        .list_usage(&tenant, &UsageFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(left.total, 3);
+    assert!(
+        left.items.iter().all(|r| r.created_at >= at(3)),
+        "the oldest went first"
+    );
+    assert_eq!(store.purge_usage(at(4), 3).await.unwrap(), 1);
+    assert_eq!(store.purge_usage(at(4), 3).await.unwrap(), 0);
+    let left = store
+        .list_usage(&tenant, &UsageFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        left.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [records[5].id, records[4].id]
+    );
 }
 
 // ------------------------------------------------------- concurrency, engine

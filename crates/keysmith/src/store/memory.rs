@@ -621,4 +621,23 @@ impl Store for MemoryStore {
         records.sort_by_key(|r| (r.created_at, r.id));
         Ok(page(records, page_req).items)
     }
+
+    async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let mut state = self.write();
+        let mut old: Vec<(DateTime<Utc>, UsageId)> = state
+            .usage
+            .iter()
+            .filter(|r| r.created_at < cutoff)
+            .map(|r| (r.created_at, r.id))
+            .collect();
+        old.sort();
+        old.truncate(limit as usize);
+        let doomed: std::collections::HashSet<UsageId> =
+            old.into_iter().map(|(_, id)| id).collect();
+        state.usage.retain(|r| !doomed.contains(&r.id));
+        for id in &doomed {
+            state.usage_ids.remove(id);
+        }
+        Ok(doomed.len() as u64)
+    }
 }

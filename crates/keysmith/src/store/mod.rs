@@ -340,6 +340,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         page: &PageRequest,
     ) -> Result<Vec<UsageRecord>>;
 
+    /// Deletes up to `limit` of the oldest usage records created before
+    /// `cutoff` (every tenant's), returning how many went.
+    async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64>;
+
     /// Writes aggregate rows, each replacing the row with the same key, period
     /// and period start (so recomputing is idempotent).
     async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()>;

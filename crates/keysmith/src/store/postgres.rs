@@ -1595,6 +1595,24 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let limit = i64::from(limit.min(MAX_BATCH));
+        self.bounded(async {
+            let done = sqlx::query(
+                "DELETE FROM keysmith_usage WHERE id IN (SELECT id FROM keysmith_usage \
+                 WHERE created_at < $1 ORDER BY created_at, id COLLATE \"C\" LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(cutoff)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store)?;
+            Ok(done.rows_affected())
+        })
+        .await
+    }
+
     async fn usage_between(
         &self,
         after: DateTime<Utc>,

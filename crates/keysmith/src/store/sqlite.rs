@@ -1224,4 +1224,19 @@ impl Store for SqliteStore {
         .map_err(Error::store)?;
         rows.iter().map(usage_from).collect()
     }
+
+    async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "DELETE FROM keysmith_usage WHERE id IN (SELECT id FROM keysmith_usage \
+             WHERE created_at < ? ORDER BY created_at, id LIMIT ?)",
+        )
+        .bind(ts(cutoff))
+        .bind(i64::from(limit.min(MAX_BATCH)))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::store)?;
+        tx.commit().await.map_err(Error::store)?;
+        Ok(done.rows_affected())
+    }
 }
