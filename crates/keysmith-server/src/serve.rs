@@ -136,6 +136,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: in-flight requests finished");
     let _ = stop.send(true);
     let _ = sweeper.await;
+    if let Err(error) = engine.flush_last_used().await {
+        tracing::warn!(%error, "last_used_at flush at shutdown failed");
+    }
     engine.shutdown().await;
     Ok(())
 }
@@ -177,6 +180,9 @@ async fn sweep(
                     tracing::warn!(%error, "usage aggregation failed");
                 }
             }
+        }
+        if let Err(error) = engine.flush_last_used().await {
+            tracing::warn!(%error, "last_used_at flush failed");
         }
         match engine.purge_usage(retention, 10_000).await {
             Ok(0) => {}

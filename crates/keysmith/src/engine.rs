@@ -216,6 +216,7 @@ impl EngineBuilder {
                 hooks: self.hooks,
                 rate_limiter,
                 quota_counter,
+                last_used: LastUsed::default(),
             }),
         }
     }
@@ -253,7 +254,13 @@ struct Inner {
     hooks: Hooks,
     rate_limiter: Arc<dyn RateLimiter>,
     quota_counter: Arc<dyn QuotaCounter>,
+    /// Keys used since the last flush, with when: written behind, one store
+    /// write per key per flush, never one per request.
+    last_used: LastUsed,
 }
+
+type LastUsed =
+    std::sync::Mutex<std::collections::HashMap<KeyId, DateTime<Utc>, foldhash::fast::RandomState>>;
 
 impl Engine {
     /// Starts building an engine over `store`.
@@ -532,6 +539,7 @@ impl Engine {
         };
         match outcome {
             Ok(valid) => {
+                self.note_use(valid.key.id);
                 run_hooks!(self.hooks(), "key_validated", |h| h
                     .key_validated(&valid.key));
                 Ok(valid)
@@ -1008,6 +1016,40 @@ impl Engine {
                 return Ok(purged);
             }
         }
+    }
+
+    // --------------------------------------------------------- last used at
+
+    fn note_use(&self, key: KeyId) {
+        let now = self.inner.clock.now();
+        let mut pending = self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.insert(key, now);
+    }
+
+    /// Writes the `last_used_at` of every key validated since the last flush,
+    /// once per key, in one batch. Run it on an interval (the server does, at
+    /// every sweep); the interval is how stale `last_used_at` may be. Returns
+    /// how many keys were written.
+    pub async fn flush_last_used(&self) -> Result<usize> {
+        let pending = std::mem::take(
+            &mut *self
+                .inner
+                .last_used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let uses: Vec<(KeyId, DateTime<Utc>)> = pending
+            .into_iter()
+            .map(|(k, at)| (k, store_precision(at)))
+            .collect();
+        for chunk in uses.chunks(1000) {
+            self.inner.store.touch_last_used(chunk).await?;
+        }
+        Ok(uses.len())
     }
 
     // ---------------------------------------------------------------- sweeps

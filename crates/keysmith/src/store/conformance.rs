@@ -54,7 +54,7 @@ macro_rules! conformance_tests {
             engine_hooks_run_in_order_and_never_fail_the_operation, engine_expiry_sweep_fires_once,
             engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
             engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
-            engine_rate_limits_and_quotas,
+            engine_rate_limits_and_quotas, engine_last_used_is_written_behind_and_coalesced,
             engine_quota_is_exact_under_concurrency);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
@@ -2734,4 +2734,66 @@ pub async fn engine_usage_aggregates_match_brute_force(store: Arc<dyn Store>) {
             expected
         );
     }
+}
+
+pub async fn engine_last_used_is_written_behind_and_coalesced(store: Arc<dyn Store>) {
+    let (engine, clock) = engine_on(store.clone());
+    let tenant = tenant();
+    let created = engine
+        .create_key(&tenant, key_request("k", &[]))
+        .await
+        .unwrap();
+    let other = engine
+        .create_key(&tenant, key_request("o", &[]))
+        .await
+        .unwrap();
+    let raw = created.raw_key.expose_secret();
+    for _ in 0..50 {
+        clock.advance(Duration::from_secs(1));
+        engine
+            .validate(raw, &RequestContext::default())
+            .await
+            .unwrap();
+    }
+    let key = engine.get_key(&tenant, &created.key.id).await.unwrap();
+    assert_eq!(key.last_used_at, None, "no store write on the request path");
+    assert_eq!(
+        engine.flush_last_used().await.unwrap(),
+        1,
+        "one write for fifty uses"
+    );
+    let key = engine.get_key(&tenant, &created.key.id).await.unwrap();
+    assert_eq!(key.last_used_at, Some(t0() + chrono::Duration::seconds(50)));
+    assert_eq!(
+        engine
+            .get_key(&tenant, &other.key.id)
+            .await
+            .unwrap()
+            .last_used_at,
+        None
+    );
+    assert_eq!(engine.flush_last_used().await.unwrap(), 0);
+    // Never backwards.
+    store
+        .touch_last_used(&[(created.key.id, t0())])
+        .await
+        .unwrap();
+    assert_eq!(
+        engine
+            .get_key(&tenant, &created.key.id)
+            .await
+            .unwrap()
+            .last_used_at,
+        Some(t0() + chrono::Duration::seconds(50))
+    );
+    // A deleted key is skipped.
+    engine
+        .validate(other.raw_key.expose_secret(), &RequestContext::default())
+        .await
+        .unwrap();
+    engine.delete_key(&tenant, &other.key.id).await.unwrap();
+    engine
+        .flush_last_used()
+        .await
+        .expect("a deleted key does not fail the flush");
 }

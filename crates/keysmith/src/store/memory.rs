@@ -640,4 +640,20 @@ impl Store for MemoryStore {
         }
         Ok(doomed.len() as u64)
     }
+
+    async fn touch_last_used(&self, uses: &[(KeyId, DateTime<Utc>)]) -> Result<()> {
+        let mut state = self.write();
+        for (id, at) in uses {
+            let Some(key) = state.keys.get(id) else {
+                continue;
+            };
+            if key.last_used_at.is_some_and(|last| last >= *at) {
+                continue;
+            }
+            let mut key = ApiKey::clone(key);
+            key.last_used_at = Some(*at);
+            state.put_key(key);
+        }
+        Ok(())
+    }
 }

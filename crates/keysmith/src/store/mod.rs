@@ -241,6 +241,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// it is.
     async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>>;
 
+    /// Records when keys were last used: each `(key, at)` moves the key's
+    /// `last_used_at` forward to `at` (never back). Keys that no longer exist
+    /// are skipped.
+    async fn touch_last_used(&self, uses: &[(KeyId, DateTime<Utc>)]) -> Result<()>;
+
     /// Marks up to `limit` active keys whose expiry is at or before `now` as
     /// expired, returning them (each key is returned by exactly one call).
     async fn expire_keys(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<ApiKey>>;

@@ -1613,6 +1613,30 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn touch_last_used(&self, uses: &[(KeyId, DateTime<Utc>)]) -> Result<()> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = uses.iter().map(|(id, _)| id.to_string()).collect();
+        let ats: Vec<DateTime<Utc>> = uses.iter().map(|(_, at)| *at).collect();
+        self.bounded(async {
+            // One statement for the whole batch; a key never goes back in time.
+            sqlx::query(
+                "UPDATE keysmith_keys k SET last_used_at = u.at \
+                 FROM (SELECT id, max(at) AS at FROM unnest($1::text[], $2::timestamptz[]) \
+                       AS t (id, at) GROUP BY id) AS u \
+                 WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)",
+            )
+            .bind(&ids)
+            .bind(&ats)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn usage_between(
         &self,
         after: DateTime<Utc>,

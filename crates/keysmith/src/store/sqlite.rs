@@ -1239,4 +1239,23 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(Error::store)?;
         Ok(done.rows_affected())
     }
+
+    async fn touch_last_used(&self, uses: &[(KeyId, DateTime<Utc>)]) -> Result<()> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        for (id, at) in uses {
+            sqlx::query(
+                "UPDATE keysmith_keys SET last_used_at = ?1 \
+                 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )
+            .bind(ts(*at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store)?;
+        }
+        tx.commit().await.map_err(Error::store)
+    }
 }
