@@ -54,6 +54,17 @@ fn setup(rt: &tokio::runtime::Runtime) -> (Engine, Vec<String>, Vec<String>) {
                 plain.push(raw)
             }
         }
+        // Like a server that has been running: every key was used once and
+        // its last_used_at written, so validation is in its steady state.
+        for raw in plain.iter().chain(&fenced) {
+            let ctx = RequestContext {
+                ip: Some("10.9.1.2".parse().unwrap()),
+                origin: Some("https://app9.example.com".into()),
+                ..Default::default()
+            };
+            engine.validate(raw, &ctx).await.unwrap();
+        }
+        engine.flush_last_used().await.unwrap();
         (engine, plain, fenced)
     })
 }

@@ -173,6 +173,7 @@ pub struct EngineBuilder {
     hooks: Hooks,
     rate_limiter: Option<Arc<dyn RateLimiter>>,
     quota_counter: Option<Arc<dyn QuotaCounter>>,
+    last_used_interval: chrono::Duration,
 }
 
 impl EngineBuilder {
@@ -192,6 +193,14 @@ impl EngineBuilder {
     /// the engine's store).
     pub fn quota_counter(mut self, counter: Arc<dyn QuotaCounter>) -> Self {
         self.quota_counter = Some(counter);
+        self
+    }
+
+    /// How fresh `last_used_at` is kept (default one minute): a key is written
+    /// at most once per interval (with the flushes that run this often).
+    pub fn last_used_interval(mut self, interval: Duration) -> Self {
+        self.last_used_interval =
+            chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
         self
     }
 
@@ -217,6 +226,7 @@ impl EngineBuilder {
                 rate_limiter,
                 quota_counter,
                 last_used: LastUsed::default(),
+                last_used_interval: self.last_used_interval,
             }),
         }
     }
@@ -257,6 +267,8 @@ struct Inner {
     /// Keys used since the last flush, with when: written behind, one store
     /// write per key per flush, never one per request.
     last_used: LastUsed,
+    /// A key whose `last_used_at` is younger than this is not noted again.
+    last_used_interval: chrono::Duration,
 }
 
 type LastUsed =
@@ -271,6 +283,7 @@ impl Engine {
             hooks: Hooks::default(),
             rate_limiter: None,
             quota_counter: None,
+            last_used_interval: chrono::Duration::seconds(60),
         }
     }
 
@@ -539,7 +552,7 @@ impl Engine {
         };
         match outcome {
             Ok(valid) => {
-                self.note_use(valid.key.id);
+                self.note_use(&valid.key);
                 run_hooks!(self.hooks(), "key_validated", |h| h
                     .key_validated(&valid.key));
                 Ok(valid)
@@ -1020,14 +1033,24 @@ impl Engine {
 
     // --------------------------------------------------------- last used at
 
-    fn note_use(&self, key: KeyId) {
+    /// Notes a use for the write-behind, unless the stored `last_used_at` is
+    /// already within the coalescing interval (so hot keys cost one clock
+    /// read, not a map insert).
+    fn note_use(&self, key: &ApiKey) {
         let now = self.inner.clock.now();
+        let interval = self.inner.last_used_interval;
+        if key
+            .last_used_at
+            .is_some_and(|at| now.signed_duration_since(at) < interval)
+        {
+            return;
+        }
         let mut pending = self
             .inner
             .last_used
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        pending.insert(key, now);
+        pending.insert(key.id, now);
     }
 
     /// Writes the `last_used_at` of every key validated since the last flush,

@@ -2773,6 +2773,32 @@ pub async fn engine_last_used_is_written_behind_and_coalesced(store: Arc<dyn Sto
         None
     );
     assert_eq!(engine.flush_last_used().await.unwrap(), 0);
+    // Within the interval a used key is not noted again; after it, it is.
+    clock.advance(Duration::from_secs(30));
+    engine
+        .validate(raw, &RequestContext::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.flush_last_used().await.unwrap(),
+        0,
+        "at most one write per minute"
+    );
+    clock.advance(Duration::from_secs(31));
+    engine
+        .validate(raw, &RequestContext::default())
+        .await
+        .unwrap();
+    assert_eq!(engine.flush_last_used().await.unwrap(), 1);
+    let latest = t0() + chrono::Duration::seconds(111);
+    assert_eq!(
+        engine
+            .get_key(&tenant, &created.key.id)
+            .await
+            .unwrap()
+            .last_used_at,
+        Some(latest)
+    );
     // Never backwards.
     store
         .touch_last_used(&[(created.key.id, t0())])
@@ -2784,7 +2810,7 @@ pub async fn engine_last_used_is_written_behind_and_coalesced(store: Arc<dyn Sto
             .await
             .unwrap()
             .last_used_at,
-        Some(t0() + chrono::Duration::seconds(50))
+        Some(latest)
     );
     // A deleted key is skipped.
     engine
