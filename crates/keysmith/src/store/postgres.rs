@@ -164,6 +164,31 @@ impl PostgresStore {
     }
 
     /// Runs one store call under the operation timeout.
+    /// Deletes the row `id` of `table` if the tenant owns it (`NotFound` otherwise).
+    async fn delete_owned(
+        &self,
+        table: &'static str,
+        kind: ResourceKind,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<()> {
+        let sql = format!("DELETE FROM {table} WHERE id = $1 AND app_id = $2 AND tenant_id = $3");
+        self.bounded(async {
+            let done = sqlx::query(&sql)
+                .bind(id)
+                .bind(&tenant.app_id)
+                .bind(&tenant.tenant_id)
+                .execute(&self.pool)
+                .await
+                .map_err(Error::store)?;
+            if done.rows_affected() == 0 {
+                return Err(Error::NotFound(kind));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn bounded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
         match self.operation_timeout {
             None => call.await,
@@ -929,23 +954,9 @@ impl Store for PostgresStore {
     }
 
     async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()> {
-        self.bounded(async {
-            // Scope links and rotation records go with it (ON DELETE CASCADE).
-            let done = sqlx::query(
-                "DELETE FROM keysmith_keys WHERE id = $1 AND app_id = $2 AND tenant_id = $3",
-            )
-            .bind(id.to_string())
-            .bind(&tenant.app_id)
-            .bind(&tenant.tenant_id)
-            .execute(&self.pool)
+        // Scope links and rotation records go with it (ON DELETE CASCADE).
+        self.delete_owned("keysmith_keys", ResourceKind::Key, tenant, &id.to_string())
             .await
-            .map_err(Error::store)?;
-            if done.rows_affected() == 0 {
-                return Err(Error::NotFound(ResourceKind::Key));
-            }
-            Ok(())
-        })
-        .await
     }
 
     async fn transition_key(
@@ -1392,22 +1403,13 @@ impl Store for PostgresStore {
     }
 
     async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()> {
-        self.bounded(async {
-            // Keys lose the scope with it (ON DELETE CASCADE on the links).
-            let done = sqlx::query(
-                "DELETE FROM keysmith_scopes WHERE id = $1 AND app_id = $2 AND tenant_id = $3",
-            )
-            .bind(id.to_string())
-            .bind(&tenant.app_id)
-            .bind(&tenant.tenant_id)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::store)?;
-            if done.rows_affected() == 0 {
-                return Err(Error::NotFound(ResourceKind::Scope));
-            }
-            Ok(())
-        })
+        // Keys lose the scope with it (ON DELETE CASCADE on the links).
+        self.delete_owned(
+            "keysmith_scopes",
+            ResourceKind::Scope,
+            tenant,
+            &id.to_string(),
+        )
         .await
     }
 

@@ -126,6 +126,30 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// Deletes the row `id` of `table` if the tenant owns it (`NotFound` otherwise).
+    async fn delete_owned(
+        &self,
+        table: &'static str,
+        kind: ResourceKind,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<()> {
+        let mut tx = self.write().await?;
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id = ? AND app_id = ? AND tenant_id = ?"
+        ))
+        .bind(id)
+        .bind(&tenant.app_id)
+        .bind(&tenant.tenant_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::store)?;
+        if deleted.rows_affected() == 0 {
+            return Err(Error::NotFound(kind));
+        }
+        tx.commit().await.map_err(Error::store)
+    }
+
     async fn write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -571,19 +595,9 @@ impl Store for SqliteStore {
     }
 
     async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()> {
-        let mut tx = self.write().await?;
-        let deleted =
-            sqlx::query("DELETE FROM keysmith_keys WHERE id = ? AND app_id = ? AND tenant_id = ?")
-                .bind(id.to_string())
-                .bind(&tenant.app_id)
-                .bind(&tenant.tenant_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::store)?;
-        if deleted.rows_affected() == 0 {
-            return Err(Error::NotFound(ResourceKind::Key));
-        }
-        tx.commit().await.map_err(Error::store)
+        // Scope links and rotation records go with it (ON DELETE CASCADE).
+        self.delete_owned("keysmith_keys", ResourceKind::Key, tenant, &id.to_string())
+            .await
     }
 
     async fn transition_key(
@@ -973,19 +987,14 @@ impl Store for SqliteStore {
     }
 
     async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()> {
-        let deleted = sqlx::query(
-            "DELETE FROM keysmith_scopes WHERE id = ? AND app_id = ? AND tenant_id = ?",
+        // Keys lose the scope with it (ON DELETE CASCADE on the links).
+        self.delete_owned(
+            "keysmith_scopes",
+            ResourceKind::Scope,
+            tenant,
+            &id.to_string(),
         )
-        .bind(id.to_string())
-        .bind(&tenant.app_id)
-        .bind(&tenant.tenant_id)
-        .execute(&self.pool)
         .await
-        .map_err(Error::store)?;
-        if deleted.rows_affected() == 0 {
-            return Err(Error::NotFound(ResourceKind::Scope));
-        }
-        Ok(())
     }
 
     async fn list_rotations(&self, tenant: &Tenant, key_id: &KeyId) -> Result<Vec<Rotation>> {
