@@ -57,12 +57,17 @@ impl AuditSink for LogAuditSink {
     }
 }
 
-/// The engine the server and CLI use: metrics and audit hooks on.
+/// The server's engine with the local limits backend (what tests embed);
+/// `configured_engine` honours the configuration.
 pub fn engine(store: Arc<dyn Store>) -> Engine {
+    hooked(store).build()
+}
+
+/// A builder with the server's hooks: metrics, and audit events into the log.
+fn hooked(store: Arc<dyn Store>) -> keysmith::EngineBuilder {
     Engine::builder(store)
         .hook(Arc::new(MetricsHook))
         .hook(Arc::new(AuditHook::new(Arc::new(LogAuditSink))))
-        .build()
 }
 
 /// The engine for `config`: rate limits and quotas in Redis when configured.
@@ -70,9 +75,7 @@ pub async fn configured_engine(store: Arc<dyn Store>, config: &Config) -> anyhow
     use keysmith::ratelimit::StoreQuotaCounter;
     use keysmith::ratelimit::redis::{RedisOptions, RedisQuotaCounter, RedisRateLimiter};
 
-    let builder = Engine::builder(store.clone())
-        .hook(Arc::new(MetricsHook))
-        .hook(Arc::new(AuditHook::new(Arc::new(LogAuditSink))));
+    let builder = hooked(store.clone());
     let builder = match config.limits_backend {
         LimitsBackend::Local => builder,
         LimitsBackend::Redis => {

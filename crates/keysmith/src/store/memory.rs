@@ -100,10 +100,7 @@ impl State {
     /// Creates the scopes of `names` the tenant lacks.
     fn ensure_scopes(&mut self, tenant: &Tenant, names: &[String], now: DateTime<Utc>) {
         for name in names {
-            let exists = self.scopes.values().any(|s| {
-                s.name == *name && s.app_id == tenant.app_id && s.tenant_id == tenant.tenant_id
-            });
-            if !exists {
+            if !self.scope_name_taken(tenant, name) {
                 let scope = Scope {
                     id: ScopeId::new(),
                     app_id: tenant.app_id.clone(),

@@ -466,6 +466,22 @@ fn key_of(row: &PgRow) -> Result<ApiKey> {
     Cols::new(row).key()
 }
 
+/// Decodes a page whose rows end with a `count(*) OVER ()` column: the items
+/// and the total (0 when the page is empty; the caller counts then).
+fn page_rows<T>(
+    rows: &[PgRow],
+    item: impl Fn(&mut Cols<'_>) -> Result<T>,
+) -> Result<(Vec<T>, i64)> {
+    let mut items = Vec::with_capacity(rows.len());
+    let mut count = 0;
+    for row in rows {
+        let mut cols = Cols::new(row);
+        items.push(item(&mut cols)?);
+        count = cols.get()?;
+    }
+    Ok((items, count))
+}
+
 fn total(what: &str, n: i64) -> Result<u64> {
     sql::from_i64(what, n)
 }
@@ -881,13 +897,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(Error::store)?;
-            let mut items = Vec::with_capacity(rows.len());
-            let mut count = 0;
-            for row in &rows {
-                let mut cols = Cols::new(row);
-                items.push(cols.key()?);
-                count = cols.get()?;
-            }
+            let (items, mut count) = page_rows(&rows, |cols| cols.key())?;
             if rows.is_empty() && (offset > 0 || limit == 0) {
                 // Past the end: the page holds no row to carry the total.
                 count = sqlx::query_scalar(COUNT_KEYS)
@@ -1248,13 +1258,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store)?;
-            let mut items = Vec::with_capacity(rows.len());
-            let mut count = 0;
-            for row in &rows {
-                let mut cols = Cols::new(row);
-                items.push(cols.policy()?);
-                count = cols.get()?;
-            }
+            let (items, mut count) = page_rows(&rows, |cols| cols.policy())?;
             if rows.is_empty() && (offset > 0 || limit == 0) {
                 count = sqlx::query_scalar(
                     "SELECT count(*) FROM keysmith_policies WHERE app_id = $1 AND tenant_id = $2",
@@ -1375,13 +1379,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store)?;
-            let mut items = Vec::with_capacity(rows.len());
-            let mut count = 0;
-            for row in &rows {
-                let mut cols = Cols::new(row);
-                items.push(cols.scope()?);
-                count = cols.get()?;
-            }
+            let (items, mut count) = page_rows(&rows, |cols| cols.scope())?;
             if rows.is_empty() && (offset > 0 || limit == 0) {
                 count = sqlx::query_scalar(
                     "SELECT count(*) FROM keysmith_scopes \
@@ -1675,13 +1673,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(Error::store)?;
-            let mut items = Vec::with_capacity(rows.len());
-            let mut count = 0;
-            for row in &rows {
-                let mut cols = Cols::new(row);
-                items.push(cols.usage()?);
-                count = cols.get()?;
-            }
+            let (items, mut count) = page_rows(&rows, |cols| cols.usage())?;
             if rows.is_empty() && (offset > 0 || limit == 0) {
                 // Past the end: the page holds no row to carry the total.
                 count = sqlx::query_scalar(COUNT_USAGE)
