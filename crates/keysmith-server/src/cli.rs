@@ -5,13 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use keysmith::{
     ApiKey, CreateKey, CreateScope, Engine, KeyFilter, KeyId, KeyUpdate, Page, Policy, PolicyId,
-    PolicySpec, RequestContext, RotateKey, Rotation, Scope, ScopeId, Store, Tenant,
+    PolicySpec, RequestContext, RotateKey, Rotation, Scope, ScopeId, Tenant,
 };
 use serde::Serialize;
 
@@ -423,8 +422,10 @@ fn spec(raw: &str) -> Result<PolicySpec, CliError> {
 
 /// Runs a command other than `serve`.
 pub async fn run(cli: Cli, config: Config) -> Result<(), CliError> {
-    let store: Arc<dyn Store> = crate::store::open(&config).await?;
-    let engine = crate::serve::configured_engine(store.clone(), &config, None).await?;
+    let opened = crate::store::open(&config).await?;
+    // No cache here, but changes are published so that servers sharing the
+    // database drop what they cached.
+    let engine = crate::serve::configured_engine(&opened, &config, None).await?;
     let out = Output { json: cli.json };
     match cli.command {
         Command::Serve(_) => unreachable!("serve is handled by main"),

@@ -75,6 +75,21 @@ pub struct Config {
     /// Usage records the queue holds; beyond that `POST /v1/usage` answers
     /// 503 `queue_full`.
     pub usage_queue_capacity: usize,
+    /// Cache validations in the server (hot keys skip the database; unknown
+    /// hashes are remembered for `cache_negative_ttl`).
+    pub cache: bool,
+    /// Keys the validation cache holds (and as many unknown hashes).
+    pub cache_capacity: usize,
+    /// Longest a cached key is served without asking the database. Changes
+    /// made through this server apply at once; on PostgreSQL, changes made on
+    /// other nodes arrive through `LISTEN/NOTIFY`; this bounds the rest
+    /// (a CLI writing the same SQLite file, a lost notification connection).
+    pub cache_ttl: HumanDuration,
+    /// Longest an unknown hash is remembered.
+    pub cache_negative_ttl: HumanDuration,
+    /// On PostgreSQL, longest a cached entry is served while the
+    /// notification connection is down.
+    pub cache_degraded_ttl: HumanDuration,
     /// Where rate limits and quotas are kept: `local` (rate limits in
     /// process, quotas in the database) or `redis` (both in Redis, shared by
     /// every node).
@@ -116,6 +131,11 @@ impl Default for Config {
             usage_flush_interval: HumanDuration(Duration::from_millis(500)),
             usage_batch_size: 1000,
             usage_queue_capacity: 100_000,
+            cache: true,
+            cache_capacity: 100_000,
+            cache_ttl: HumanDuration(Duration::from_secs(10)),
+            cache_negative_ttl: HumanDuration(Duration::from_secs(2)),
+            cache_degraded_ttl: HumanDuration(Duration::from_secs(1)),
             limits_backend: LimitsBackend::Local,
             redis_url: None,
             redis_timeout: HumanDuration(Duration::from_millis(250)),
@@ -140,6 +160,11 @@ const KNOWN: &[&str] = &[
     "usage_flush_interval",
     "usage_batch_size",
     "usage_queue_capacity",
+    "cache",
+    "cache_capacity",
+    "cache_ttl",
+    "cache_negative_ttl",
+    "cache_degraded_ttl",
     "limits_backend",
     "redis_url",
     "redis_timeout",
@@ -192,6 +217,7 @@ impl Config {
         let positive = [
             ("usage_batch_size", self.usage_batch_size),
             ("usage_queue_capacity", self.usage_queue_capacity),
+            ("cache_capacity", self.cache_capacity),
         ];
         for (name, value) in positive {
             anyhow::ensure!(value > 0, "configuration: {name} must be at least 1");
@@ -201,6 +227,16 @@ impl Config {
             "configuration: usage_flush_interval must be longer than 0s"
         );
         Ok(())
+    }
+
+    /// The validation cache's settings, when it is on.
+    pub fn cache(&self) -> Option<keysmith::cache::CacheOptions> {
+        self.cache.then_some(keysmith::cache::CacheOptions {
+            capacity: self.cache_capacity,
+            ttl: self.cache_ttl.0,
+            negative_ttl: self.cache_negative_ttl.0,
+            degraded_ttl: self.cache_degraded_ttl.0,
+        })
     }
 
     /// The usage writer's batching.

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState, Limits};
 use crate::config::{Config, LimitsBackend};
 use crate::root;
+use crate::store::Opened;
 
 /// The process-wide Prometheus recorder (installed once).
 pub fn metrics_handle() -> PrometheusHandle {
@@ -72,18 +73,26 @@ pub fn hooked(store: Arc<dyn Store>) -> keysmith::EngineBuilder {
 }
 
 /// The engine for `config`: rate limits and quotas in Redis when configured;
-/// reported usage queued into `usage` when given.
+/// reported usage queued into `usage` when given; changes published on the
+/// store's feed. Servers (those given a usage sink) also cache validations.
 pub async fn configured_engine(
-    store: Arc<dyn Store>,
+    opened: &Opened,
     config: &Config,
     usage: Option<UsageSink>,
 ) -> anyhow::Result<Engine> {
     use keysmith::ratelimit::StoreQuotaCounter;
     use keysmith::ratelimit::redis::{RedisOptions, RedisQuotaCounter, RedisRateLimiter};
 
+    let store = opened.store.clone();
     let mut builder = hooked(store.clone());
+    if let Some(feed) = &opened.feed {
+        builder = builder.change_feed(feed.clone());
+    }
     if let Some(sink) = usage {
         builder = builder.usage_sink(sink);
+        if let Some(cache) = config.cache() {
+            builder = builder.cache(cache);
+        }
     }
     let builder = match config.limits_backend {
         LimitsBackend::Local => builder,
@@ -109,9 +118,10 @@ pub async fn configured_engine(
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let store = crate::store::open(&config).await?;
+    let opened = crate::store::open(&config).await?;
+    let store = opened.store.clone();
     let (usage_writer, usage_sink) = UsageWriter::spawn(store.clone(), config.usage_writer());
-    let engine = configured_engine(store.clone(), &config, Some(usage_sink)).await?;
+    let engine = configured_engine(&opened, &config, Some(usage_sink)).await?;
     if config.bootstrap && !root::any_exist(&engine).await? {
         let tenant = Tenant::new("default", "default")?;
         let created = root::create(&engine, &tenant, Vec::new()).await?;

@@ -2,14 +2,26 @@
 
 use std::sync::Arc;
 
+use keysmith::cache::ChangeFeed;
+use keysmith::cache::postgres::PostgresChangeFeed;
 use keysmith::{PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store};
 
 use crate::config::Config;
 
+/// An open store, with the change feed its nodes share when it has one.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// PostgreSQL `LISTEN/NOTIFY` between the nodes on the same database;
+    /// `None` for SQLite.
+    pub feed: Option<Arc<dyn ChangeFeed>>,
+}
+
 /// Opens and migrates the store named by `config.database_url`:
 /// `postgres://…` (or `postgresql://…`) for PostgreSQL, anything else a SQLite
 /// file path (`sqlite://` prefix optional) or `:memory:`.
-pub async fn open(config: &Config) -> Result<Arc<dyn Store>, keysmith::Error> {
+pub async fn open(config: &Config) -> Result<Opened, keysmith::Error> {
     let url = config.database_url.as_str();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let options = PostgresOptions {
@@ -19,7 +31,11 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, keysmith::Error> {
         };
         let store = PostgresStore::connect_with(url, options).await?;
         store.migrate().await?;
-        Ok(Arc::new(store))
+        let feed = PostgresChangeFeed::new(store.pool().clone());
+        Ok(Opened {
+            store: Arc::new(store),
+            feed: Some(Arc::new(feed)),
+        })
     } else {
         let options = SqliteOptions {
             max_connections: config.pool_size,
@@ -28,6 +44,9 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, keysmith::Error> {
         };
         let store = SqliteStore::open_with(url, options).await?;
         store.migrate().await?;
-        Ok(Arc::new(store))
+        Ok(Opened {
+            store: Arc::new(store),
+            feed: None,
+        })
     }
 }

@@ -17,6 +17,42 @@ struct Server {
     log: Arc<Mutex<String>>,
 }
 
+impl Server {
+    /// A handle for calling a server another thread owns.
+    fn remote(address: String, root_key: String) -> RemoteServer {
+        RemoteServer { address, root_key }
+    }
+}
+
+/// What `call` needs of a server.
+trait Node {
+    fn address(&self) -> &str;
+    fn root_key(&self) -> &str;
+}
+
+impl Node for Server {
+    fn address(&self) -> &str {
+        &self.address
+    }
+    fn root_key(&self) -> &str {
+        &self.root_key
+    }
+}
+
+struct RemoteServer {
+    address: String,
+    root_key: String,
+}
+
+impl Node for RemoteServer {
+    fn address(&self) -> &str {
+        &self.address
+    }
+    fn root_key(&self) -> &str {
+        &self.root_key
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -27,6 +63,12 @@ impl Drop for Server {
 /// Starts `keysmith serve` on a free port and reads the bootstrap root key
 /// and the address from its stderr.
 fn start(database_url: &str) -> Server {
+    start_node(database_url, None)
+}
+
+/// Starts `keysmith serve`; a node joining a database that already has a root
+/// key prints none and uses `root_key`.
+fn start_node(database_url: &str, root_key: Option<&str>) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keysmith"))
         .args([
             "serve",
@@ -41,7 +83,7 @@ fn start(database_url: &str) -> Server {
         .spawn()
         .expect("start keysmith serve");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut root_key, mut address) = (None, None);
+    let (mut root_key, mut address) = (root_key.map(str::to_owned), None);
     while address.is_none() {
         let line = lines.next().expect("server output").expect("utf-8");
         let line = line.trim();
@@ -72,8 +114,8 @@ fn start(database_url: &str) -> Server {
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
-fn call(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(&server.address).expect("connect");
+fn call(server: &impl Node, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(server.address()).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -81,8 +123,8 @@ fn call(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16,
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        server.address,
-        server.root_key,
+        server.address(),
+        server.root_key(),
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
@@ -237,18 +279,114 @@ fn sqlite_end_to_end() {
 
 #[test]
 fn postgres_end_to_end() {
+    let server = start(&fresh_postgres_database());
+    let secrets = lifecycle(&server);
+    stop(server, &secrets);
+}
+
+/// A database of our own on the shared test server; its URL.
+fn fresh_postgres_database() -> String {
     let url = std::env::var("KEYSMITH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         panic!("KEYSMITH_TEST_POSTGRES_URL is not set: run the tests with scripts/test")
     });
-    // A database of our own on the shared server.
     let name = format!("ks_e2e_{}", uuid::Uuid::now_v7().simple());
+    psql(&url, &format!("CREATE DATABASE {name}"));
+    let (base, _) = url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+fn psql(url: &str, sql: &str) {
     let status = Command::new("psql")
-        .args([url.as_str(), "-q", "-c", &format!("CREATE DATABASE {name}")])
+        .args([url, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .status()
         .expect("psql");
-    assert!(status.success());
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let server = start(&format!("{base}/{name}"));
-    let secrets = lifecycle(&server);
-    stop(server, &secrets);
+    assert!(status.success(), "psql: {sql}");
+}
+
+/// Two servers on one PostgreSQL, each with its validation cache: a key
+/// revoked on node A is refused by node B within a second, while B is
+/// validating it under load (the invalidation travels by LISTEN/NOTIFY).
+#[test]
+fn two_nodes_honour_a_revocation_within_a_second() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    let database = fresh_postgres_database();
+    let a = start(&database);
+    let b = start_node(&database, Some(&a.root_key));
+    let (status, created) = call(&a, "POST", "/v1/keys", Some(json!({ "name": "shared" })));
+    assert_eq!(status, 201, "{created}");
+    let raw = created["raw_key"].as_str().unwrap().to_owned();
+    let id = created["key"]["id"].as_str().unwrap().to_owned();
+    let validate = |node: &Server| {
+        call(
+            node,
+            "POST",
+            "/v1/keys/validate",
+            Some(json!({ "raw_key": raw })),
+        )
+        .1
+    };
+    assert_eq!(validate(&b)["valid"], true, "B sees the key A made");
+    // B now serves the key from its cache: a change made behind Keysmith's
+    // back (no notification) is not seen by B...
+    psql(
+        &database,
+        &format!("UPDATE keysmith_keys SET state = 'suspended' WHERE id = '{id}'"),
+    );
+    assert_eq!(validate(&b)["valid"], true, "B answers from its cache");
+    psql(
+        &database,
+        &format!("UPDATE keysmith_keys SET state = 'active' WHERE id = '{id}'"),
+    );
+
+    // ...while a revocation through A is, within a second, under load on B.
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (address, root, raw) = (b.address.clone(), b.root_key.clone(), raw.clone());
+            let (stop_load, served) = (stop_load.clone(), served.clone());
+            std::thread::spawn(move || {
+                let node = Server::remote(address, root);
+                while !stop_load.load(Ordering::Relaxed) {
+                    let body = json!({ "raw_key": raw });
+                    let (status, _) = call(&node, "POST", "/v1/keys/validate", Some(body));
+                    assert_eq!(status, 200);
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    while served.load(Ordering::Relaxed) < 50 {
+        std::thread::yield_now();
+    }
+    let (status, _) = call(&a, "POST", &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 200);
+    let revoked_at = Instant::now();
+    let refused_after = loop {
+        let answer = validate(&b);
+        if answer["code"] == "revoked" {
+            break revoked_at.elapsed();
+        }
+        assert_eq!(answer["valid"], true, "{answer}");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "B still accepts the key 5 s after its revocation on A"
+        );
+    };
+    stop_load.store(true, Ordering::Relaxed);
+    for thread in load {
+        thread.join().unwrap();
+    }
+    assert!(
+        refused_after < Duration::from_secs(1),
+        "B refused the key {refused_after:?} after its revocation on A"
+    );
+    eprintln!(
+        "B refused the revoked key after {refused_after:?}, having served {} validations",
+        served.load(Ordering::Relaxed)
+    );
+    stop(b, std::slice::from_ref(&raw));
+    stop(a, &[raw]);
 }

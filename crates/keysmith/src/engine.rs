@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use crate::cache::{CacheOptions, ChangeFeed, Invalidation, ValidationCache};
 use crate::clock::{Clock, SystemClock, store_precision};
 use crate::duration;
 use crate::error::{Error, Result};
@@ -176,6 +177,8 @@ pub struct EngineBuilder {
     quota_counter: Option<Arc<dyn QuotaCounter>>,
     last_used_interval: chrono::Duration,
     usage_sink: Option<UsageSink>,
+    cache: Option<CacheOptions>,
+    change_feed: Option<Arc<dyn ChangeFeed>>,
 }
 
 impl EngineBuilder {
@@ -214,6 +217,24 @@ impl EngineBuilder {
         self
     }
 
+    /// Caches what validation looks up (see [`crate::cache`]): hot keys are
+    /// validated without a store round trip, and unknown hashes are
+    /// remembered briefly. Every mutation through this engine invalidates it.
+    pub fn cache(mut self, options: CacheOptions) -> Self {
+        self.cache = Some(options);
+        self
+    }
+
+    /// Publishes this engine's changes on `feed` and, with a
+    /// [cache](Self::cache), applies the changes other nodes publish. The
+    /// listener runs on the tokio runtime `build` is called in, reconnecting
+    /// by itself; until it is connected, cache entries live at most
+    /// `degraded_ttl`.
+    pub fn change_feed(mut self, feed: Arc<dyn ChangeFeed>) -> Self {
+        self.change_feed = Some(feed);
+        self
+    }
+
     /// Adds a hook; hooks run in the order they were added.
     pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
         self.hooks.push(hook);
@@ -228,6 +249,23 @@ impl EngineBuilder {
         let quota_counter = self
             .quota_counter
             .unwrap_or_else(|| Arc::new(StoreQuotaCounter::new(self.store.clone())));
+        let cache = self.cache.map(|o| Arc::new(ValidationCache::new(o)));
+        let mut follower = None;
+        if let (Some(cache), Some(feed)) = (&cache, &self.change_feed) {
+            // Not fresh until the feed is connected.
+            cache.set_fresh(false);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let task =
+                        runtime.spawn(crate::cache::follow(Arc::downgrade(cache), feed.clone()));
+                    follower = Some(task.abort_handle());
+                }
+                Err(_) => tracing::warn!(
+                    "engine built outside a tokio runtime: the change feed is not followed, \
+                     cache entries live at most degraded_ttl"
+                ),
+            }
+        }
         Engine {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -238,6 +276,9 @@ impl EngineBuilder {
                 last_used: LastUsed::default(),
                 last_used_interval: self.last_used_interval,
                 usage_sink: self.usage_sink,
+                cache,
+                change_feed: self.change_feed,
+                follower,
             }),
         }
     }
@@ -282,6 +323,20 @@ struct Inner {
     last_used_interval: chrono::Duration,
     /// Where reported usage is queued, when it is not written at once.
     usage_sink: Option<UsageSink>,
+    /// What validation looked up recently.
+    cache: Option<Arc<ValidationCache>>,
+    /// Where changes are published for other nodes.
+    change_feed: Option<Arc<dyn ChangeFeed>>,
+    /// The task applying other nodes' changes to the cache.
+    follower: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.abort();
+        }
+    }
 }
 
 type LastUsed =
@@ -298,6 +353,8 @@ impl Engine {
             quota_counter: None,
             last_used_interval: chrono::Duration::seconds(60),
             usage_sink: None,
+            cache: None,
+            change_feed: None,
         }
     }
 
@@ -381,7 +438,9 @@ impl Engine {
             created_at: now,
             updated_at: now,
         };
-        self.inner.store.create_key(&key).await?;
+        let created = self.inner.store.create_key(&key).await;
+        self.changed(Invalidation::KeyCreated).await;
+        created?;
         Ok(CreatedKey { raw_key, key })
     }
 
@@ -431,12 +490,16 @@ impl Engine {
                 update.expires_at = Some(expiry);
             }
         }
-        self.inner.store.update_key(tenant, id, &update, now).await
+        let updated = self.inner.store.update_key(tenant, id, &update, now).await;
+        self.changed(Invalidation::Key(*id)).await;
+        updated
     }
 
     /// Deletes a key and its history.
     pub async fn delete_key(&self, tenant: &Tenant, id: &KeyId) -> Result<()> {
-        self.inner.store.delete_key(tenant, id).await
+        let deleted = self.inner.store.delete_key(tenant, id).await;
+        self.changed(Invalidation::Key(*id)).await;
+        deleted
     }
 
     /// Issues a new secret for the key. The old secret keeps validating until
@@ -481,11 +544,13 @@ impl Engine {
             rotated_by: request.rotated_by,
         };
         let now = self.now();
-        let (key, rotation) = self
+        let rotated = self
             .inner
             .store
             .rotate_key(tenant, id, &rotation, now)
-            .await?;
+            .await;
+        self.changed(Invalidation::Key(*id)).await;
+        let (key, rotation) = rotated?;
         run_hooks!(self.hooks(), "key_rotated", |h| h
             .key_rotated(&key, &rotation));
         Ok(RotatedKey {
@@ -529,10 +594,51 @@ impl Engine {
     }
 
     async fn transition(&self, tenant: &Tenant, id: &KeyId, action: KeyAction) -> Result<ApiKey> {
-        self.inner
+        let moved = self
+            .inner
             .store
             .transition_key(tenant, id, action, self.now())
-            .await
+            .await;
+        self.changed(Invalidation::Key(*id)).await;
+        moved
+    }
+
+    /// Drops what `change` made stale from this engine's cache and tells the
+    /// other nodes. Called after every mutation, whatever its outcome (a
+    /// failed commit may still have happened). A publish failure is logged:
+    /// the other nodes then see the change within their cache TTL.
+    async fn changed(&self, change: Invalidation) {
+        if let Some(cache) = &self.inner.cache {
+            cache.invalidate(change);
+        }
+        if let Some(feed) = &self.inner.change_feed {
+            if let Err(error) = feed.publish(change).await {
+                metrics::counter!("keysmith_cache_publish_failures_total").increment(1);
+                tracing::warn!(%error, ?change, "could not publish a change to other nodes");
+            }
+        }
+    }
+
+    /// What validation finds for `hash`: from the cache when it holds it,
+    /// else from the store (and then cached).
+    async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>> {
+        let Some(cache) = &self.inner.cache else {
+            return self.inner.store.lookup(hash).await;
+        };
+        let now = self.inner.clock.now();
+        if let Some(found) = cache.get(hash, now) {
+            return Ok(found);
+        }
+        let generation = cache.generation();
+        let found = self.inner.store.lookup(hash).await?;
+        cache.insert(*hash, found.clone(), now, generation);
+        Ok(found)
+    }
+
+    /// Entries in the validation cache: (found keys, unknown hashes); zeros
+    /// without a cache.
+    pub fn cache_len(&self) -> (usize, usize) {
+        self.inner.cache.as_ref().map_or((0, 0), |c| c.len())
     }
 
     /// The key's rotation records, oldest first.
@@ -554,7 +660,7 @@ impl Engine {
         } else {
             // 2. Hash, then the store (current secret, else a rotated one).
             let hash = SecretHash::of(raw_key);
-            let found = self.inner.store.lookup(&hash).await?;
+            let found = self.lookup(&hash).await?;
             self.check(found, &hash, request)
         };
         // 6. Rate limit and 7. quota, for keys that passed everything else.
@@ -739,7 +845,9 @@ impl Engine {
     ) -> Result<Policy> {
         let existing = self.inner.store.get_policy(tenant, id).await?;
         let policy = Policy::new(*id, tenant, spec, existing.created_at, self.now())?;
-        self.inner.store.update_policy(&policy).await?;
+        let updated = self.inner.store.update_policy(&policy).await;
+        self.changed(Invalidation::Policy(*id)).await;
+        updated?;
         run_hooks!(self.hooks(), "policy_updated", |h| h
             .policy_updated(&policy));
         Ok(policy)
@@ -747,7 +855,9 @@ impl Engine {
 
     /// Deletes a policy that no key uses (`PolicyInUse` otherwise).
     pub async fn delete_policy(&self, tenant: &Tenant, id: &PolicyId) -> Result<()> {
-        self.inner.store.delete_policy(tenant, id).await?;
+        let deleted = self.inner.store.delete_policy(tenant, id).await;
+        self.changed(Invalidation::Policy(*id)).await;
+        deleted?;
         run_hooks!(self.hooks(), "policy_deleted", |h| h
             .policy_deleted(tenant, id));
         Ok(())
@@ -803,7 +913,10 @@ impl Engine {
 
     /// Deletes a scope, taking it off every key.
     pub async fn delete_scope(&self, tenant: &Tenant, id: &ScopeId) -> Result<()> {
-        self.inner.store.delete_scope(tenant, id).await
+        let deleted = self.inner.store.delete_scope(tenant, id).await;
+        // Every key that held the scope changed; which ones is not known here.
+        self.changed(Invalidation::All).await;
+        deleted
     }
 
     /// Grants scopes to a key, within its policy's cap and the per-key limit.
@@ -829,10 +942,13 @@ impl Engine {
                 "a key holds at most 100 scopes",
             ));
         }
-        self.inner
+        let assigned = self
+            .inner
             .store
             .add_key_scopes(tenant, key_id, &scopes, self.now())
-            .await
+            .await;
+        self.changed(Invalidation::Key(*key_id)).await;
+        assigned
     }
 
     /// Takes scopes off a key.
@@ -843,10 +959,13 @@ impl Engine {
         scopes: Vec<String>,
     ) -> Result<ApiKey> {
         let scopes = normalize_scopes("scopes", scopes)?;
-        self.inner
+        let removed = self
+            .inner
             .store
             .remove_key_scopes(tenant, key_id, &scopes, self.now())
-            .await
+            .await;
+        self.changed(Invalidation::Key(*key_id)).await;
+        removed
     }
 
     // ----------------------------------------------------------------- usage

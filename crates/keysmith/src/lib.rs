@@ -8,6 +8,7 @@
 //!
 //! Start with [`Engine::builder`].
 
+pub mod cache;
 pub mod clock;
 pub mod duration;
 mod engine;

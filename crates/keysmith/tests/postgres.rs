@@ -743,3 +743,122 @@ async fn quota_is_exact_across_nodes() {
         node.close().await;
     }
 }
+
+// ------------------------------------------------------------- change feed
+
+/// Two engines on one database, each with its own pool, cache and
+/// `PostgresChangeFeed`: a revocation on A reaches B's cache through
+/// LISTEN/NOTIFY; when B's listening connection is killed, B serves entries
+/// at most `degraded_ttl` and reconnects by itself.
+#[tokio::test]
+async fn changes_travel_between_engines_by_listen_notify() {
+    use keysmith::cache::postgres::PostgresChangeFeed;
+    use keysmith::cache::{CacheOptions, ChangeFeed};
+    use keysmith::{CreateKey, Engine, RequestContext};
+
+    let url = fresh_database().await;
+    let node = async || {
+        let store = PostgresStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let feed: Arc<dyn ChangeFeed> = Arc::new(PostgresChangeFeed::new(store.pool().clone()));
+        let engine = Engine::builder(Arc::new(store.clone()))
+            .cache(CacheOptions::default())
+            .change_feed(feed)
+            .build();
+        (engine, store)
+    };
+    let (a, _) = node().await;
+    let (b, b_store) = node().await;
+    let listeners = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(b_store.pool())
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listeners().await < 2 {
+        assert!(Instant::now() < deadline, "both engines listen");
+        tokio::task::yield_now().await;
+    }
+    let tenant = tenant();
+    let created = a
+        .create_key(
+            &tenant,
+            CreateKey {
+                name: "k".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let raw = created.raw_key.expose_secret().to_owned();
+    let ctx = RequestContext::default();
+    // B caches the key (once its listener has settled in).
+    while b.cache_len().0 == 0 {
+        assert!(b.validate(&raw, &ctx).await.is_ok());
+        assert!(Instant::now() < deadline, "B caches the key");
+        tokio::task::yield_now().await;
+    }
+    a.revoke_key(&tenant, &created.key.id, None).await.unwrap();
+    let revoked = Instant::now();
+    loop {
+        match b.validate(&raw, &ctx).await {
+            Err(Error::KeyRevoked) => break,
+            Ok(_) => assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "B lags a second"
+            ),
+            Err(other) => panic!("{other}"),
+        }
+        tokio::task::yield_now().await;
+    }
+
+    // Kill the listening connections: the engines reconnect by themselves,
+    // and the changes flow again.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .execute(b_store.pool())
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let second = a
+            .create_key(
+                &tenant,
+                CreateKey {
+                    name: "k2".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let raw2 = second.raw_key.expose_secret().to_owned();
+        assert!(b.validate(&raw2, &ctx).await.is_ok());
+        a.suspend_key(&tenant, &second.key.id).await.unwrap();
+        let suspended = Instant::now();
+        // Once reconnected, B sees the suspension well within a second
+        // (before that, within degraded_ttl of caching it).
+        let seen = loop {
+            if matches!(b.validate(&raw2, &ctx).await, Err(Error::KeySuspended)) {
+                break suspended.elapsed();
+            }
+            assert!(
+                suspended.elapsed() < Duration::from_secs(2),
+                "degraded TTL bounds it"
+            );
+            tokio::task::yield_now().await;
+        };
+        if listeners().await == 2 && seen < Duration::from_millis(500) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engines never listened again"
+        );
+    }
+}

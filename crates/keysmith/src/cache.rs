@@ -1,0 +1,404 @@
+//! The validation cache: what a lookup by hash found (key, policy, rotated
+//! secret), kept in process so that a hot key is validated without a store
+//! round trip, and hashes that were not found, kept briefly so that a flood of
+//! well-formed unknown keys does not reach the database.
+//!
+//! Freshness:
+//! - every mutation made through an [`Engine`](crate::Engine) invalidates its
+//!   own cache before the call returns;
+//! - a [`ChangeFeed`] (PostgreSQL `LISTEN/NOTIFY`:
+//!   [`PostgresChangeFeed`](postgres::PostgresChangeFeed)) carries those
+//!   invalidations to every other node sharing the database;
+//! - entries live at most [`CacheOptions::ttl`] (`negative_ttl` for unknown
+//!   hashes), and at most [`CacheOptions::degraded_ttl`] while an engine that
+//!   has a feed is not connected to it. When the feed reconnects the cache is
+//!   emptied, since invalidations may have been missed meanwhile.
+//!
+//! Time-dependent refusals (expiry, end of grace) are decided at validation
+//! with the engine's clock from the cached dates, so they need no invalidation.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::id::{KeyId, PolicyId};
+use crate::secret::SecretHash;
+use crate::store::Lookup;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+/// Sizes and lifetimes of the validation cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Hashes held at most (found and not found together).
+    pub capacity: usize,
+    /// Longest a found key is served from the cache.
+    pub ttl: Duration,
+    /// Longest a hash that was not found is remembered.
+    pub negative_ttl: Duration,
+    /// Longest any entry is served while the engine's change feed is
+    /// disconnected (bounds how late a change made on another node is seen).
+    pub degraded_ttl: Duration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            ttl: Duration::from_secs(10),
+            negative_ttl: Duration::from_secs(2),
+            degraded_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What changed, as far as cached validations are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A key changed (state, expiry, scopes, policy, rotation, deletion).
+    Key(KeyId),
+    /// A policy changed or was deleted.
+    Policy(PolicyId),
+    /// A key was created: hashes remembered as unknown may exist now.
+    KeyCreated,
+    /// Anything may have changed (a scope was deleted, a feed reconnected).
+    All,
+}
+
+impl Invalidation {
+    /// The compact text form carried by change feeds (`key:<id>`,
+    /// `policy:<id>`, `created`, `all`).
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Key(id) => format!("key:{id}"),
+            Self::Policy(id) => format!("policy:{id}"),
+            Self::KeyCreated => "created".into(),
+            Self::All => "all".into(),
+        }
+    }
+
+    /// Reads [`encode`](Self::encode)'s form; anything unreadable is `All`,
+    /// the safe reading.
+    pub fn decode(text: &str) -> Self {
+        match text.split_once(':') {
+            Some(("key", id)) => id.parse().map_or(Self::All, Self::Key),
+            Some(("policy", id)) => id.parse().map_or(Self::All, Self::Policy),
+            _ if text == "created" => Self::KeyCreated,
+            _ => Self::All,
+        }
+    }
+}
+
+/// Carries invalidations between the nodes that share one database.
+#[async_trait]
+pub trait ChangeFeed: fmt::Debug + Send + Sync + 'static {
+    /// Tells every listening node (this one included) about a change.
+    async fn publish(&self, change: Invalidation) -> Result<()>;
+
+    /// Connects a listener. Changes arrive on the receiver for as long as the
+    /// connection holds; the receiver closes when it is lost.
+    async fn listen(&self) -> Result<mpsc::Receiver<Invalidation>>;
+}
+
+const SHARDS: usize = 16;
+
+/// One shard: each hash with its value and when it was stored.
+type Shard<V> = RwLock<HashMap<SecretHash, (V, DateTime<Utc>), foldhash::fast::RandomState>>;
+
+/// One side of the cache (found keys, or unknown hashes), in shards.
+struct Side<V> {
+    shards: Box<[Shard<V>]>,
+    per_shard: usize,
+}
+
+impl<V: Clone> Side<V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            per_shard: (capacity / SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, hash: &SecretHash) -> &Shard<V> {
+        // SHA-256 output is uniform: its first byte picks the shard.
+        &self.shards[usize::from(hash.as_bytes()[0]) % SHARDS]
+    }
+
+    fn get(&self, hash: &SecretHash, now: DateTime<Utc>, ttl: chrono::Duration) -> Option<V> {
+        let shard = self.shard(hash).read().unwrap_or_else(|p| p.into_inner());
+        let (value, stored_at) = shard.get(hash)?;
+        (now.signed_duration_since(*stored_at) < ttl).then(|| value.clone())
+    }
+
+    /// Inserts under the shard's lock, if `still_valid` (checked under it).
+    fn insert(
+        &self,
+        hash: SecretHash,
+        value: V,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+        still_valid: impl FnOnce() -> bool,
+    ) {
+        let mut shard = self.shard(&hash).write().unwrap_or_else(|p| p.into_inner());
+        if !still_valid() {
+            return;
+        }
+        if shard.len() >= self.per_shard && !shard.contains_key(&hash) {
+            // Full: drop what has outlived its TTL, else an arbitrary
+            // sixteenth (hash order is unrelated to use), so that inserts stay
+            // cheap on average.
+            shard.retain(|_, (_, at)| now.signed_duration_since(*at) < ttl);
+            if shard.len() >= self.per_shard {
+                let doomed: Vec<SecretHash> = shard
+                    .keys()
+                    .take((self.per_shard / 16).max(1))
+                    .copied()
+                    .collect();
+                for h in doomed {
+                    shard.remove(&h);
+                }
+            }
+        }
+        shard.insert(hash, (value, now));
+    }
+
+    fn retain(&self, keep: impl Fn(&V) -> bool) {
+        for shard in &*self.shards {
+            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, (v, _)| keep(v));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+}
+
+/// Where the cache's invalidations stood when a store lookup started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Generation {
+    changed: u64,
+    created: u64,
+}
+
+/// The cache itself, shared by an engine and its change-feed listener.
+pub(crate) struct ValidationCache {
+    options: CacheOptions,
+    /// Hashes that were found, with what was found.
+    found: Side<Lookup>,
+    /// Hashes that were not found.
+    unknown: Side<()>,
+    /// Bumped by every invalidation of found keys: a lookup that raced one
+    /// is not cached.
+    generation: AtomicU64,
+    /// Bumped when keys are created: an unknown hash that raced a creation
+    /// is not remembered.
+    created: AtomicU64,
+    /// Whether entries may live their full TTL (no feed, or a connected one).
+    fresh: AtomicBool,
+}
+
+impl fmt::Debug for ValidationCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidationCache")
+            .field("options", &self.options)
+            .field("found", &self.found.len())
+            .field("unknown", &self.unknown.len())
+            .finish()
+    }
+}
+
+fn chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl ValidationCache {
+    pub(crate) fn new(options: CacheOptions) -> Self {
+        Self {
+            options,
+            found: Side::new(options.capacity),
+            unknown: Side::new(options.capacity),
+            generation: AtomicU64::new(0),
+            created: AtomicU64::new(0),
+            fresh: AtomicBool::new(true),
+        }
+    }
+
+    fn ttl(&self, found: bool) -> chrono::Duration {
+        let ttl = if found {
+            self.options.ttl
+        } else {
+            self.options.negative_ttl
+        };
+        if self.fresh.load(Ordering::Relaxed) {
+            chrono(ttl)
+        } else {
+            chrono(ttl.min(self.options.degraded_ttl))
+        }
+    }
+
+    /// `Some(found)` on a live entry (`Some(None)`: known not to exist).
+    pub(crate) fn get(&self, hash: &SecretHash, now: DateTime<Utc>) -> Option<Option<Lookup>> {
+        if let Some(found) = self.found.get(hash, now, self.ttl(true)) {
+            return Some(Some(found));
+        }
+        self.unknown.get(hash, now, self.ttl(false)).map(|()| None)
+    }
+
+    /// The generation to hand back to [`insert`](Self::insert) after the
+    /// store lookup.
+    pub(crate) fn generation(&self) -> Generation {
+        Generation {
+            changed: self.generation.load(Ordering::Acquire),
+            created: self.created.load(Ordering::Acquire),
+        }
+    }
+
+    /// Keeps what a store lookup found, unless an invalidation happened since
+    /// `generation` was read (the lookup may have seen the old state).
+    pub(crate) fn insert(
+        &self,
+        hash: SecretHash,
+        found: Option<Lookup>,
+        now: DateTime<Utc>,
+        generation: Generation,
+    ) {
+        let unchanged = || self.generation.load(Ordering::Acquire) == generation.changed;
+        match found {
+            Some(found) => self
+                .found
+                .insert(hash, found, now, chrono(self.options.ttl), unchanged),
+            None => self
+                .unknown
+                .insert(hash, (), now, chrono(self.options.negative_ttl), || {
+                    unchanged() && self.created.load(Ordering::Acquire) == generation.created
+                }),
+        }
+    }
+
+    /// Applies a change: the entries it may have made stale are dropped.
+    pub(crate) fn invalidate(&self, change: Invalidation) {
+        // Bumped before and after: a lookup that started before the end of
+        // this call does not insert what it read.
+        let counter = match change {
+            Invalidation::KeyCreated => &self.created,
+            _ => &self.generation,
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+        match change {
+            Invalidation::Key(id) => self.found.retain(|l| l.key.id != id),
+            Invalidation::Policy(id) => self.found.retain(|l| l.key.policy_id != Some(id)),
+            Invalidation::KeyCreated => self.unknown.retain(|()| false),
+            Invalidation::All => {
+                self.found.retain(|_| false);
+                self.unknown.retain(|()| false);
+            }
+        }
+        counter.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether entries may live their full TTL; a reconnect empties the cache.
+    pub(crate) fn set_fresh(&self, fresh: bool) {
+        let was = self.fresh.swap(fresh, Ordering::AcqRel);
+        if fresh && !was {
+            self.invalidate(Invalidation::All);
+        }
+    }
+
+    /// Entries held: (found keys, unknown hashes).
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (self.found.len(), self.unknown.len())
+    }
+}
+
+/// Listens to `feed` for as long as the cache lives, reconnecting by itself;
+/// while disconnected, entries live at most the degraded TTL.
+pub(crate) async fn follow(
+    cache: std::sync::Weak<ValidationCache>,
+    feed: std::sync::Arc<dyn ChangeFeed>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match feed.listen().await {
+            Ok(mut changes) => {
+                let Some(live) = cache.upgrade() else { return };
+                // Anything missed while disconnected is forgotten.
+                live.set_fresh(true);
+                drop(live);
+                backoff = Duration::from_millis(100);
+                tracing::info!("validation cache: change feed connected");
+                while let Some(change) = changes.recv().await {
+                    let Some(live) = cache.upgrade() else { return };
+                    live.invalidate(change);
+                }
+                tracing::warn!("validation cache: change feed lost; short TTL until it is back");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "validation cache: change feed unavailable");
+            }
+        }
+        metrics::counter!("keysmith_cache_feed_disconnects_total").increment(1);
+        match cache.upgrade() {
+            Some(live) => live.set_fresh(false),
+            None => return,
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lookup_that_raced_an_invalidation_is_not_kept() {
+        let cache = ValidationCache::new(CacheOptions::default());
+        let now = Utc::now();
+        let hash = SecretHash::of("sk_live_x");
+        let before = cache.generation();
+        cache.invalidate(Invalidation::KeyCreated);
+        cache.insert(hash, None, now, before);
+        assert!(cache.get(&hash, now).is_none(), "raced a creation");
+        let before = cache.generation();
+        cache.invalidate(Invalidation::All);
+        cache.insert(hash, None, now, before);
+        assert!(cache.get(&hash, now).is_none(), "raced a change");
+        cache.insert(hash, None, now, cache.generation());
+        assert_eq!(cache.get(&hash, now).map(|f| f.is_none()), Some(true));
+        // Disconnected from its feed, entries live at most the degraded TTL.
+        cache.set_fresh(false);
+        let later = now + chrono::Duration::seconds(1);
+        assert!(cache.get(&hash, later).is_none());
+    }
+
+    #[test]
+    fn invalidations_round_trip_through_text_and_garbage_means_all() {
+        for change in [
+            Invalidation::Key(KeyId::new()),
+            Invalidation::Policy(PolicyId::new()),
+            Invalidation::KeyCreated,
+            Invalidation::All,
+        ] {
+            assert_eq!(Invalidation::decode(&change.encode()), change);
+        }
+        for garbage in ["", "key:", "key:nope", "policy:key_123", "sideways"] {
+            assert_eq!(
+                Invalidation::decode(garbage),
+                Invalidation::All,
+                "{garbage}"
+            );
+        }
+    }
+}
