@@ -19,10 +19,17 @@ pub struct TestApp {
 }
 
 pub async fn app() -> TestApp {
+    app_with_clock(Arc::new(keysmith::SystemClock)).await
+}
+
+/// [`app`] with the engine on `clock` (a `ManualClock` lets time pass).
+pub async fn app_with_clock(clock: Arc<dyn keysmith::Clock>) -> TestApp {
     let store = SqliteStore::open(":memory:").await.unwrap();
     store.migrate().await.unwrap();
     let shared: Arc<dyn Store> = Arc::new(store.clone());
-    let engine = keysmith_server::serve::engine(shared.clone());
+    let engine = keysmith_server::serve::hooked(shared.clone())
+        .clock(clock)
+        .build();
     let state = AppState {
         engine: engine.clone(),
         store: shared,
