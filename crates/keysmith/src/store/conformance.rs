@@ -57,7 +57,8 @@ macro_rules! conformance_tests {
             engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
             engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
             engine_rate_limits_and_quotas, engine_last_used_is_written_behind_and_coalesced,
-            engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period);
+            engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period,
+            concurrent_rotation_due_claims_are_disjoint);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3294,4 +3295,40 @@ pub async fn engine_rotation_due_fires_once_per_period(store: Arc<dyn Store>) {
         ..Default::default()
     };
     assert_eq!(engine.list_keys(&tenant, &longest).await.unwrap().total, 0);
+}
+
+/// Several sweepers (nodes) claiming at once: every due key is claimed by
+/// exactly one of them.
+pub async fn concurrent_rotation_due_claims_are_disjoint(store: Arc<dyn Store>) {
+    let tenant = tenant();
+    let policy = stored_policy(&*store, &tenant, rotation_policy("monthly", 30)).await;
+    let mut due = HashSet::new();
+    for i in 0..40 {
+        let (_, mut key) = new_key(&tenant, &format!("k{i}"));
+        key.policy_id = Some(policy.id);
+        store.create_key(&key).await.unwrap();
+        due.insert(key.id);
+    }
+    let sweepers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store.claim_rotation_due(at(30), 3).await.unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|d| d.key.id));
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for sweeper in sweepers {
+        claimed.extend(sweeper.await.unwrap());
+    }
+    let unique: HashSet<KeyId> = claimed.iter().copied().collect();
+    assert_eq!(unique.len(), claimed.len(), "no key claimed twice");
+    assert_eq!(unique, due, "every due key claimed");
 }
