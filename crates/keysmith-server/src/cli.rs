@@ -182,6 +182,13 @@ pub enum KeysCommand {
         /// Only this policy.
         #[arg(long)]
         policy: Option<String>,
+        /// Only keys due for rotation now (their policy's rotation_period has
+        /// passed since their last rotation, else their creation).
+        #[arg(long)]
+        rotation_due: bool,
+        /// Only keys whose name or hint contains this text (case ignored).
+        #[arg(long)]
+        search: Option<String>,
         /// Page size (1-1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -609,6 +616,8 @@ async fn keys(
             state,
             environment,
             policy,
+            rotation_due,
+            search,
             limit,
             offset,
         } => {
@@ -617,6 +626,9 @@ async fn keys(
                 environment: environment.as_deref().map(str::parse).transpose()?,
                 policy_id: policy.as_deref().map(id::<PolicyId>).transpose()?,
                 created_by: None,
+                rotation_due,
+                now: None,
+                search,
                 page: keysmith::PageRequest::new(limit, offset)?,
             };
             out.keys(&engine.list_keys(tenant, &filter).await?);

@@ -63,7 +63,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Create and print a root key on first start with an empty database.
     pub bootstrap: bool,
-    /// How often the expiry, grace, aggregation and retention sweeps run.
+    /// How often the expiry, grace, rotation-due, aggregation and retention
+    /// sweeps run.
     pub sweep_interval: HumanDuration,
     /// How long raw usage records are kept (aggregates stay).
     pub usage_retention: HumanDuration,

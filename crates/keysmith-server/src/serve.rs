@@ -65,7 +65,8 @@ pub fn engine(store: Arc<dyn Store>) -> Engine {
     hooked(store).build()
 }
 
-/// A builder with the server's hooks: metrics, and audit events into the log.
+/// A builder with the server's hooks: metrics, and audit events into the log
+/// (tests add a clock to it).
 pub fn hooked(store: Arc<dyn Store>) -> keysmith::EngineBuilder {
     Engine::builder(store)
         .hook(Arc::new(MetricsHook))
@@ -168,7 +169,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Expiry and grace sweeps on a schedule, in capped batches, until told to stop.
+/// Expiry, grace and rotation-due sweeps (with usage aggregation, the
+/// `last_used_at` flush and usage retention) on a schedule, in capped
+/// batches, until told to stop.
 async fn sweep(
     engine: Engine,
     every: Duration,
@@ -195,6 +198,7 @@ async fn sweep(
         if let Err(error) = engine.end_grace_periods(1000).await {
             tracing::warn!(%error, "grace sweep failed");
         }
+        notify_rotation_due(&engine).await;
         // Usage aggregates of the current day and month, and of the previous
         // ones right after they end (the instant one interval ago).
         let now = chrono::Utc::now();
@@ -214,6 +218,30 @@ async fn sweep(
             Ok(n) => tracing::info!(purged = n, "usage retention"),
             Err(error) => tracing::warn!(%error, "usage retention failed"),
         }
+    }
+}
+
+/// Rotation-due notices, in batches of 1000 until none is left (at most 100
+/// batches a sweep, the rest waiting for the next one); a failure is logged
+/// and retried next sweep.
+async fn notify_rotation_due(engine: &Engine) {
+    let mut notified = 0;
+    for _ in 0..100 {
+        match engine.notify_rotation_due(1000).await {
+            Ok(n) => {
+                notified += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "rotation-due sweep failed");
+                break;
+            }
+        }
+    }
+    if notified > 0 {
+        tracing::info!(notified, "rotation-due sweep");
     }
 }
 

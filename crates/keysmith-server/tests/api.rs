@@ -5,7 +5,7 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use common::{app, assert_error};
+use common::{app, app_with_clock, assert_error};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -283,6 +283,108 @@ async fn keys_are_listed_filtered_and_changed() {
         .post("/v1/policies", &root, json!({ "name": "p2" }))
         .await;
     assert_error(&dup, StatusCode::CONFLICT, "already_exists");
+}
+
+#[tokio::test]
+async fn keys_are_listed_by_rotation_due_and_search() {
+    let clock = std::sync::Arc::new(keysmith::ManualClock::new(
+        "2030-01-01T00:00:00Z".parse().unwrap(),
+    ));
+    let app = app_with_clock(clock.clone()).await;
+    let root = app.root_key("acme", "prod", &[]).await;
+    let (status, policy) = app
+        .post(
+            "/v1/policies",
+            &root,
+            json!({ "name": "rotating", "rotation_period": "30d" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{policy}");
+    let mut ids = Vec::new();
+    for (name, policy_id) in [
+        ("billing-main", Some(&policy["id"])),
+        ("Billing_Backup", Some(&policy["id"])),
+        ("reports", None),
+    ] {
+        let (status, created) = app
+            .post(
+                "/v1/keys",
+                &root,
+                json!({ "name": name, "policy_id": policy_id }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        ids.push(created["key"]["id"].as_str().unwrap().to_owned());
+    }
+    let names = |page: &serde_json::Value| {
+        let mut names: Vec<String> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let (status, due) = app.get("/v1/keys?rotation_due=true", &root).await;
+    assert_eq!((status, &due["total"]), (StatusCode::OK, &json!(0)));
+    clock.advance(std::time::Duration::from_secs(30 * 86_400));
+    let (_, due) = app.get("/v1/keys?rotation_due=true", &root).await;
+    assert_eq!(names(&due), ["Billing_Backup", "billing-main"]);
+    let (_, all) = app.get("/v1/keys?rotation_due=false", &root).await;
+    assert_eq!(all["total"], 3);
+    let (status, _) = app
+        .post(&format!("/v1/keys/{}/rotate", ids[0]), &root, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, due) = app.get("/v1/keys?rotation_due=true", &root).await;
+    assert_eq!(
+        names(&due),
+        ["Billing_Backup"],
+        "a rotation restarts the period"
+    );
+    assert_eq!(app.engine.notify_rotation_due(100).await.unwrap(), 1);
+
+    let (_, found) = app.get("/v1/keys?search=BILLING", &root).await;
+    assert_eq!(names(&found), ["Billing_Backup", "billing-main"]);
+    let (_, found) = app.get("/v1/keys?search=billing_", &root).await;
+    assert_eq!(names(&found), ["Billing_Backup"], "_ matches only itself");
+    let (_, found) = app.get("/v1/keys?search=%25", &root).await;
+    assert_eq!(found["total"], 0, "% matches only itself");
+    let (_, found) = app
+        .get("/v1/keys?search=main&rotation_due=true", &root)
+        .await;
+    assert_eq!(found["total"], 0);
+    let (_, found) = app.get("/v1/keys?search=backup&limit=1", &root).await;
+    assert_eq!(
+        (found["total"].clone(), names(&found)),
+        (json!(1), vec!["Billing_Backup".to_owned()])
+    );
+
+    let too_long = app
+        .get(&format!("/v1/keys?search={}", "x".repeat(101)), &root)
+        .await;
+    assert_error(&too_long, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(
+        too_long.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("search")
+    );
+    let not_bool = app.get("/v1/keys?rotation_due=soon", &root).await;
+    assert_error(&not_bool, StatusCode::BAD_REQUEST, "invalid_input");
+
+    let (_, doc) = app.call(Method::GET, "/openapi.json", None, None).await;
+    let params: Vec<&str> = doc["paths"]["/v1/keys"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in ["rotation_due", "search"] {
+        assert!(params.contains(&name), "{name} in {params:?}");
+    }
 }
 
 #[tokio::test]

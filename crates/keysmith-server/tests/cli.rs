@@ -77,6 +77,14 @@ fn commands_outputs_and_exit_codes() {
     );
     let listed = cli.json(&["keys", "--app", "acme", "--tenant", "prod", "list"]);
     assert_eq!(listed["total"], 1);
+    let list = |extra: &[&str]| {
+        let mut args = vec!["keys", "--app", "acme", "--tenant", "prod", "list"];
+        args.extend_from_slice(extra);
+        cli.json(&args)["total"].clone()
+    };
+    assert_eq!(list(&["--search", "CI"]), 1);
+    assert_eq!(list(&["--search", "c_"]), 0, "_ matches only itself");
+    assert_eq!(list(&["--rotation-due"]), 0, "no policy, no rotation due");
     assert_eq!(
         cli.json(&["keys", "list"])["total"],
         0,
@@ -142,6 +150,7 @@ fn commands_outputs_and_exit_codes() {
     assert_eq!(code(&missing), 1);
 
     // Usage errors: exit 2.
+    let long_search = "x".repeat(101);
     for args in [
         vec!["keys", "get", "not-an-id"],
         vec!["keys", "get", "kpol_01h2xcejqtf2nbrexx3vqjhp41"],
@@ -155,6 +164,7 @@ fn commands_outputs_and_exit_codes() {
         vec!["keys", "rotate", &id, "--grace", "soon"],
         vec!["no-such-command"],
         vec!["keys", "list", "--limit", "5000"],
+        vec!["keys", "list", "--search", &long_search],
     ] {
         let out = cli.run(&args);
         assert_eq!(

@@ -449,9 +449,17 @@ impl Engine {
         self.inner.store.get_key(tenant, id).await
     }
 
-    /// The tenant's keys, newest first.
+    /// The tenant's keys, newest first. `rotation_due` is judged at the
+    /// engine clock's now unless the filter sets `now`.
     pub async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
-        filter.page.check()?;
+        filter.check()?;
+        if filter.rotation_due && filter.now.is_none() {
+            let filter = KeyFilter {
+                now: Some(self.now()),
+                ..filter.clone()
+            };
+            return self.inner.store.list_keys(tenant, &filter).await;
+        }
         self.inner.store.list_keys(tenant, filter).await
     }
 
@@ -1240,6 +1248,27 @@ impl Engine {
             .end_grace_periods(self.now(), limit)
             .await?
             .len())
+    }
+
+    /// Claims up to `limit` keys due for rotation now (active, under a policy
+    /// whose `rotation_period` has passed since the key's last rotation, else
+    /// its creation) and fires the `rotation_due` hook once for each. The
+    /// claim is recorded in the store before the hooks run, so each key gets
+    /// one notice per period across restarts and nodes (at most once: a
+    /// failing hook is logged and not retried, and never stops the other
+    /// keys' notices). Suspended keys are not due until reactivated. Returns
+    /// how many keys were notified.
+    pub async fn notify_rotation_due(&self, limit: u32) -> Result<usize> {
+        let due = self
+            .inner
+            .store
+            .claim_rotation_due(self.now(), limit)
+            .await?;
+        for notice in &due {
+            run_hooks!(self.hooks(), "rotation_due", |h| h
+                .rotation_due(&notice.key, notice.due_at));
+        }
+        Ok(due.len())
     }
 
     /// Tells the hooks the engine is stopping.

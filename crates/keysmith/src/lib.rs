@@ -33,8 +33,8 @@ pub use engine::{
 pub use error::{Error, ResourceKind, Result};
 pub use id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 pub use model::{
-    ApiKey, KeyAction, KeyFilter, KeyState, Metadata, Page, PageRequest, Rotation, RotationReason,
-    Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
+    ApiKey, KeyAction, KeyFilter, KeyState, Metadata, Page, PageRequest, Rotation, RotationDue,
+    RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 pub use policy::{Policy, PolicySpec, RequestContext};
 pub use secret::{Environment, RawKey, SecretHash};

@@ -409,6 +409,9 @@ pub struct Page<T> {
     pub total: u64,
 }
 
+/// Longest [`KeyFilter::search`] text, in characters.
+pub const MAX_SEARCH_LEN: usize = 100;
+
 /// Filters for listing keys. Unset fields do not filter.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyFilter {
@@ -420,8 +423,123 @@ pub struct KeyFilter {
     pub policy_id: Option<PolicyId>,
     /// Only keys created by this principal.
     pub created_by: Option<String>,
+    /// Only keys due for rotation at [`KeyFilter::now`]: active, not past
+    /// their expiry, under a policy with a `rotation_period` that has passed
+    /// since the key's last rotation (else its creation). See
+    /// [`rotation_due_at`].
+    pub rotation_due: bool,
+    /// The instant `rotation_due` is judged at. The engine sets its clock's
+    /// now when this is unset; a store asked for `rotation_due` without it
+    /// refuses (`InvalidInput` naming `now`).
+    pub now: Option<DateTime<Utc>>,
+    /// Only keys whose name or hint contains this text, ignoring case (on
+    /// SQLite, ASCII letters only). `%`, `_` and `\` match themselves. At most
+    /// [`MAX_SEARCH_LEN`] characters, no control characters.
+    pub search: Option<String>,
     /// Paging.
     pub page: PageRequest,
+}
+
+impl KeyFilter {
+    /// Checks paging and the search text.
+    pub fn check(&self) -> Result<()> {
+        self.page.check()?;
+        if let Some(search) = &self.search {
+            if search.chars().count() > MAX_SEARCH_LEN {
+                return Err(Error::invalid_input(
+                    "search",
+                    "must be at most 100 characters",
+                ));
+            }
+            if search.chars().any(char::is_control) {
+                return Err(Error::invalid_input(
+                    "search",
+                    "must not contain control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The instant to judge `rotation_due` at, when it is asked for.
+    pub(crate) fn rotation_due_now(&self) -> Result<Option<DateTime<Utc>>> {
+        match (self.rotation_due, self.now) {
+            (false, _) => Ok(None),
+            (true, Some(now)) => Ok(Some(now)),
+            (true, None) => Err(Error::invalid_input(
+                "now",
+                "is needed to filter keys due for rotation",
+            )),
+        }
+    }
+
+    /// Whether `key` matches `search` (name or hint, ignoring case): what
+    /// the SQL stores do with an escaped `LIKE`.
+    pub(crate) fn search_matches(&self, key: &ApiKey) -> bool {
+        let Some(search) = &self.search else {
+            return true;
+        };
+        let needle = search.to_lowercase();
+        key.name.to_lowercase().contains(&needle) || key.hint.to_lowercase().contains(&needle)
+    }
+
+    /// `search` as a `LIKE` pattern (`%text%`, escaped with `\`).
+    pub(crate) fn search_pattern(&self) -> Option<String> {
+        self.search
+            .as_deref()
+            .map(|s| format!("%{}%", escape_like(s)))
+    }
+}
+
+/// Escapes `LIKE` wildcards (`%`, `_`) and the escape character `\` itself.
+pub(crate) fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// A key whose policy's rotation period has passed, claimed for one notice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationDue {
+    /// The key.
+    pub key: ApiKey,
+    /// The instant this notice became due: the key's last rotation (else its
+    /// creation) plus `n × rotation_period` for the latest `n ≥ 1` that has
+    /// passed. `n > 1` when the key was left unrotated through whole periods:
+    /// each period brings one notice, so the pair (key id, `due_at`) is unique.
+    pub due_at: DateTime<Utc>,
+}
+
+/// When a key became due for rotation in the current period, if it is due at
+/// `now`: `None` when the key is not active, is past its expiry, has no
+/// rotation period, or `(rotated_at or created_at) + period` is after `now`.
+/// Otherwise the latest `anchor + n × period` (n ≥ 1) at or before `now`.
+pub fn rotation_due_at(
+    key: &ApiKey,
+    rotation_period: Option<Duration>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    if key.state != KeyState::Active || key.expires_at.is_some_and(|e| e <= now) {
+        return None;
+    }
+    let period = i64::try_from(rotation_period?.as_millis())
+        .ok()?
+        .checked_mul(1000)?;
+    if period <= 0 {
+        return None;
+    }
+    let anchor = key.rotated_at.unwrap_or(key.created_at);
+    let elapsed = (now - anchor).num_microseconds()?;
+    if elapsed < period {
+        return None;
+    }
+    let due = elapsed / period * period;
+    Some(anchor + chrono::Duration::microseconds(due))
 }
 
 /// One request made with a key, as recorded by the usage pipeline.

@@ -134,6 +134,51 @@ mod schema {
     }
 
     #[tokio::test]
+    async fn a_rotation_due_notice_is_not_repeated_after_a_restart() {
+        let path = temp_path("keys.db");
+        let tenant = keysmith::Tenant::new("app", "t").unwrap();
+        let clock = Arc::new(keysmith::ManualClock::new(
+            "2030-01-01T00:00:00Z".parse().unwrap(),
+        ));
+        let open = |path: String| async move {
+            let store = SqliteStore::open(&path).await.unwrap();
+            store.migrate().await.unwrap();
+            store
+        };
+        let store = open(path.clone()).await;
+        let engine = Engine::builder(Arc::new(store.clone()))
+            .clock(clock.clone())
+            .build();
+        let policy = keysmith::PolicySpec {
+            name: "monthly".into(),
+            rotation_period: Some(std::time::Duration::from_secs(30 * 86_400)),
+            ..Default::default()
+        };
+        let policy = engine.create_policy(&tenant, policy).await.unwrap();
+        let request = keysmith::CreateKey {
+            name: "k".into(),
+            policy_id: Some(policy.id),
+            ..Default::default()
+        };
+        engine.create_key(&tenant, request).await.unwrap();
+        clock.advance(std::time::Duration::from_secs(30 * 86_400));
+        assert_eq!(engine.notify_rotation_due(10).await.unwrap(), 1);
+        store.close().await;
+
+        let reopened = open(path).await;
+        let engine = Engine::builder(Arc::new(reopened))
+            .clock(clock.clone())
+            .build();
+        assert_eq!(
+            engine.notify_rotation_due(10).await.unwrap(),
+            0,
+            "the claim is in the database, not in the process"
+        );
+        clock.advance(std::time::Duration::from_secs(30 * 86_400));
+        assert_eq!(engine.notify_rotation_due(10).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn a_database_from_a_newer_keysmith_is_refused() {
         let path = temp_path("keys.db");
         let store = SqliteStore::open(&path).await.unwrap();

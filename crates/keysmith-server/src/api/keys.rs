@@ -38,6 +38,13 @@ pub struct ListKeysQuery {
     pub policy_id: Option<String>,
     /// Creator.
     pub created_by: Option<String>,
+    /// `true`: only keys due for rotation now (active, under a policy whose
+    /// `rotation_period` has passed since the key's last rotation, else its
+    /// creation).
+    pub rotation_due: Option<bool>,
+    /// Only keys whose name or hint contains this text, ignoring case
+    /// (`%` and `_` match themselves; at most 100 characters).
+    pub search: Option<String>,
     /// Items per page, 1–1000 (default 50).
     pub limit: Option<u32>,
     /// Items to skip.
@@ -176,6 +183,9 @@ pub async fn list(
         environment: query.environment.as_deref().map(str::parse).transpose()?,
         policy_id: query.policy_id.as_deref().map(parse_id).transpose()?,
         created_by: query.created_by,
+        rotation_due: query.rotation_due.unwrap_or(false),
+        now: None,
+        search: query.search,
         page: PageQuery {
             limit: query.limit,
             offset: query.offset,

@@ -24,16 +24,27 @@ pub struct TestApp {
 }
 
 pub async fn app() -> TestApp {
-    app_with_usage(UsageWriterOptions::default()).await
+    app_with(UsageWriterOptions::default(), Arc::new(keysmith::SystemClock)).await
 }
 
+/// [`app`] with the usage writer batching as `options` says.
 pub async fn app_with_usage(options: UsageWriterOptions) -> TestApp {
+    app_with(options, Arc::new(keysmith::SystemClock)).await
+}
+
+/// [`app`] with the engine on `clock` (a `ManualClock` lets time pass).
+pub async fn app_with_clock(clock: Arc<dyn keysmith::Clock>) -> TestApp {
+    app_with(UsageWriterOptions::default(), clock).await
+}
+
+async fn app_with(options: UsageWriterOptions, clock: Arc<dyn keysmith::Clock>) -> TestApp {
     let store = SqliteStore::open(":memory:").await.unwrap();
     store.migrate().await.unwrap();
     let shared: Arc<dyn Store> = Arc::new(store.clone());
     let (usage_writer, usage) = UsageWriter::spawn(shared.clone(), options);
     let engine = keysmith_server::serve::hooked(shared.clone())
         .usage_sink(usage.clone())
+        .clock(clock)
         .build();
     let state = AppState {
         engine: engine.clone(),

@@ -233,6 +233,11 @@ impl Hook for AuditHook {
         self.key_event("keysmith.key.expired", Severity::Info, key, None)
             .await
     }
+    async fn rotation_due(&self, key: &ApiKey, due_at: DateTime<Utc>) -> HookResult {
+        let reason = Some(format!("due_at={}", due_at.to_rfc3339()));
+        self.key_event("keysmith.key.rotation_due", Severity::Warning, key, reason)
+            .await
+    }
     async fn rate_limited(&self, key: &ApiKey) -> HookResult {
         let reason = Some("rate_limited".to_owned());
         self.key_event("keysmith.key.rate_limited", Severity::Warning, key, reason)

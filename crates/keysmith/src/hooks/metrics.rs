@@ -2,6 +2,7 @@
 //! recorder the application installed (Prometheus in the server).
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use metrics::counter;
 
 use super::{Failure, Hook, HookResult};
@@ -12,7 +13,8 @@ use crate::policy::Policy;
 /// Counts lifecycle events:
 /// `keysmith_keys_created_total`, `keysmith_key_create_failures_total`,
 /// `keysmith_validations_total{outcome}` (`valid` or an error code),
-/// `keysmith_keys_rotated_total{reason}`, `keysmith_key_state_changes_total{to}`,
+/// `keysmith_keys_rotated_total{reason}`, `keysmith_rotation_due_total`,
+/// `keysmith_key_state_changes_total{to}`,
 /// `keysmith_policy_changes_total{action}`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MetricsHook;
@@ -40,6 +42,10 @@ impl Hook for MetricsHook {
     }
     async fn key_rotated(&self, _key: &ApiKey, rotation: &Rotation) -> HookResult {
         counter!("keysmith_keys_rotated_total", "reason" => rotation.reason.as_str()).increment(1);
+        Ok(())
+    }
+    async fn rotation_due(&self, _key: &ApiKey, _due_at: DateTime<Utc>) -> HookResult {
+        counter!("keysmith_rotation_due_total").increment(1);
         Ok(())
     }
     async fn key_revoked(&self, _key: &ApiKey, _reason: Option<&str>) -> HookResult {

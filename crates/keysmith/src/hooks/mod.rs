@@ -11,6 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 pub use audit::{AuditEvent, AuditHook, AuditSink, MemoryAuditSink, Outcome, Severity};
 pub use metrics::MetricsHook;
@@ -79,6 +80,13 @@ pub trait Hook: Send + Sync + fmt::Debug + 'static {
     }
     /// A key passed its expiry and was marked expired.
     async fn key_expired(&self, key: &ApiKey) -> HookResult {
+        Ok(())
+    }
+    /// A key's policy rotation period has passed since its last rotation (or
+    /// its creation): fired once per period by the rotation-due sweep
+    /// ([`Engine::notify_rotation_due`](crate::Engine::notify_rotation_due)),
+    /// `due_at` being when this period's notice became due.
+    async fn rotation_due(&self, key: &ApiKey, due_at: DateTime<Utc>) -> HookResult {
         Ok(())
     }
     /// A key was refused by its rate limit.

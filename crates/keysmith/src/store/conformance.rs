@@ -46,7 +46,9 @@ macro_rules! conformance_tests {
             expire_keys_once_each, end_grace_periods_once_each, key_scopes_add_and_remove,
             policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation,
             usage_records_insert_and_list, usage_aggregates_upsert_and_list,
-            quotas_count_exactly_and_refuse_whole, usage_retention_purges_oldest_first);
+            quotas_count_exactly_and_refuse_whole, usage_retention_purges_oldest_first,
+            rotation_due_filter_at_the_boundary, claim_rotation_due_once_per_period,
+            list_keys_search_name_or_hint);
         $crate::conformance_tests!(@shared $make;
             concurrent_rotations_form_a_chain, concurrent_policy_creates_one_wins,
             engine_full_lifecycle, engine_validation_outcomes, engine_policy_rules_at_creation,
@@ -55,7 +57,8 @@ macro_rules! conformance_tests {
             engine_input_is_checked, engine_concurrent_rotations_lose_no_secret,
             engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
             engine_rate_limits_and_quotas, engine_last_used_is_written_behind_and_coalesced,
-            engine_quota_is_exact_under_concurrency);
+            engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period,
+            concurrent_rotation_due_claims_are_disjoint);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1966,6 +1969,13 @@ impl Hook for Recorder {
     async fn key_expired(&self, key: &ApiKey) -> HookResult {
         self.note(&format!("expired({})", key.name))
     }
+    async fn rotation_due(&self, key: &ApiKey, due_at: DateTime<Utc>) -> HookResult {
+        self.note(&format!(
+            "rotation_due({}@{})",
+            key.name,
+            due_at.to_rfc3339()
+        ))
+    }
     async fn policy_created(&self, _policy: &Policy) -> HookResult {
         self.note("policy_created")
     }
@@ -2822,4 +2832,503 @@ pub async fn engine_last_used_is_written_behind_and_coalesced(store: Arc<dyn Sto
         .flush_last_used()
         .await
         .expect("a deleted key does not fail the flush");
+}
+
+// ---------------------------------------------------- rotation due, search
+
+fn micros(n: i64) -> chrono::Duration {
+    chrono::Duration::microseconds(n)
+}
+
+fn rotation_policy(name: &str, days: u64) -> PolicySpec {
+    PolicySpec {
+        rotation_period: Some(Duration::from_secs(days * 86_400)),
+        ..policy_spec(name)
+    }
+}
+
+/// The names of the tenant's keys due for rotation at `now`, sorted, and the
+/// total the list reported.
+async fn due_names(store: &dyn Store, tenant: &Tenant, now: DateTime<Utc>) -> (u64, Vec<String>) {
+    let filter = KeyFilter {
+        rotation_due: true,
+        now: Some(now),
+        ..Default::default()
+    };
+    let page = store.list_keys(tenant, &filter).await.unwrap();
+    let mut names: Vec<String> = page.items.into_iter().map(|k| k.name).collect();
+    names.sort();
+    (page.total, names)
+}
+
+fn claimed(due: &[crate::model::RotationDue]) -> Vec<(String, DateTime<Utc>)> {
+    due.iter().map(|d| (d.key.name.clone(), d.due_at)).collect()
+}
+
+pub async fn rotation_due_filter_at_the_boundary(store: &dyn Store) {
+    let tenant = tenant();
+    let monthly = stored_policy(store, &tenant, rotation_policy("monthly", 30)).await;
+    let plain = stored_policy(store, &tenant, policy_spec("no-rotation")).await;
+    let under = |name: &str, policy: Option<PolicyId>| {
+        let (_, mut key) = new_key(&tenant, name);
+        key.policy_id = policy;
+        key
+    };
+    let due = under("due", Some(monthly.id));
+    let rotated = under("rotated", Some(monthly.id));
+    let mut expiring = under("expiring", Some(monthly.id));
+    expiring.expires_at = Some(at(30));
+    let suspended = under("suspended", Some(monthly.id));
+    let revoked = under("revoked", Some(monthly.id));
+    for key in [
+        &due,
+        &rotated,
+        &expiring,
+        &suspended,
+        &revoked,
+        &under("no-rotation-period", Some(plain.id)),
+        &under("no-policy", None),
+    ] {
+        store.create_key(key).await.unwrap();
+    }
+    store
+        .transition_key(&tenant, &suspended.id, KeyAction::Suspend, at(1))
+        .await
+        .unwrap();
+    store
+        .transition_key(&tenant, &revoked.id, KeyAction::Revoke, at(1))
+        .await
+        .unwrap();
+    let other = tenant_other(&tenant);
+    let other_policy = stored_policy(store, &other, rotation_policy("monthly", 30)).await;
+    let (_, mut foreign) = new_key(&other, "foreign");
+    foreign.policy_id = Some(other_policy.id);
+    store.create_key(&foreign).await.unwrap();
+
+    assert_eq!(
+        due_names(store, &tenant, at(30) - micros(1)).await,
+        (0, vec![]),
+        "one microsecond before the period ends, nothing is due"
+    );
+    assert_eq!(
+        due_names(store, &tenant, at(30)).await,
+        (2, vec!["due".to_owned(), "rotated".to_owned()]),
+        "due at the instant the period ends; never suspended, revoked, expired, \
+         policy-less, period-less or another tenant's keys"
+    );
+    assert_eq!(due_names(store, &other, at(30)).await.1, ["foreign"]);
+
+    // A rotation starts a new period.
+    let (_, rotation) = new_rotation(Duration::ZERO);
+    store
+        .rotate_key(&tenant, &rotated.id, &rotation, at(31))
+        .await
+        .unwrap();
+    assert_eq!(due_names(store, &tenant, at(31)).await.1, ["due"]);
+    assert_eq!(
+        due_names(store, &tenant, at(61) - micros(1)).await.1,
+        ["due"]
+    );
+    assert_eq!(
+        due_names(store, &tenant, at(61)).await.1,
+        ["due", "rotated"]
+    );
+    // Reactivated, the suspended key is due again; other filters combine.
+    store
+        .transition_key(&tenant, &suspended.id, KeyAction::Reactivate, at(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        due_names(store, &tenant, at(61)).await.1,
+        ["due", "rotated", "suspended"]
+    );
+    let combined = store
+        .list_keys(
+            &tenant,
+            &KeyFilter {
+                rotation_due: true,
+                now: Some(at(61)),
+                search: Some("ROT".into()),
+                page: page(1, 0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(combined.total, 1);
+    assert_eq!(combined.items[0].id, rotated.id);
+
+    // The store judges at the instant it is given, never its own clock.
+    let unset = KeyFilter {
+        rotation_due: true,
+        ..Default::default()
+    };
+    match store.list_keys(&tenant, &unset).await {
+        Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "now"),
+        other => panic!("expected InvalidInput(now), got {other:?}"),
+    }
+}
+
+pub async fn claim_rotation_due_once_per_period(store: &dyn Store) {
+    let tenant = tenant();
+    let monthly = stored_policy(store, &tenant, rotation_policy("monthly", 30)).await;
+    let mut keys = Vec::new();
+    for (name, created) in [("a", 0), ("b", 1), ("c", 2)] {
+        let (_, mut key) = new_key(&tenant, name);
+        key.policy_id = Some(monthly.id);
+        key.created_at = at(created);
+        key.updated_at = at(created);
+        store.create_key(&key).await.unwrap();
+        keys.push(key);
+    }
+    let (_, plain) = stored_key(store, &tenant, "no-policy").await;
+    // Another tenant's key is swept too: the sweep serves every tenant.
+    let other = tenant_other(&tenant);
+    let other_policy = stored_policy(store, &other, rotation_policy("weekly", 7)).await;
+    let (_, mut foreign) = new_key(&other, "foreign");
+    foreign.policy_id = Some(other_policy.id);
+    store.create_key(&foreign).await.unwrap();
+
+    assert!(
+        store
+            .claim_rotation_due(at(7) - micros(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        claimed(&store.claim_rotation_due(at(7), 10).await.unwrap()),
+        [("foreign".to_owned(), at(7))]
+    );
+    assert!(
+        store
+            .claim_rotation_due(at(13), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // (Gone, it would otherwise have a notice every further week.)
+    store.delete_key(&other, &foreign.id).await.unwrap();
+
+    // The cap, earliest due first, and each key once in its period.
+    let first = store.claim_rotation_due(at(32), 2).await.unwrap();
+    assert_eq!(
+        claimed(&first),
+        [("a".to_owned(), at(30)), ("b".to_owned(), at(31))]
+    );
+    assert_eq!(first[0].key.id, keys[0].id);
+    assert_eq!(first[0].key.policy_id, Some(monthly.id));
+    assert_eq!(
+        claimed(&store.claim_rotation_due(at(32), 2).await.unwrap()),
+        [("c".to_owned(), at(32))]
+    );
+    assert!(
+        store
+            .claim_rotation_due(at(32), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_rotation_due(at(59) + micros(999_999), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed for this period, until the next one starts"
+    );
+    // Still listed as due: the claim only records the notice.
+    assert_eq!(due_names(store, &tenant, at(40)).await.0, 3);
+
+    // Rotating restarts the period and clears the claim.
+    let (_, rotation) = new_rotation(Duration::ZERO);
+    store
+        .rotate_key(&tenant, &keys[1].id, &rotation, at(45))
+        .await
+        .unwrap();
+    // Left unrotated, a key gets one notice per further period.
+    assert_eq!(
+        claimed(&store.claim_rotation_due(at(60), 10).await.unwrap()),
+        [("a".to_owned(), at(60))]
+    );
+    assert!(
+        store
+            .claim_rotation_due(at(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let next = store.claim_rotation_due(at(75), 10).await.unwrap();
+    assert_eq!(
+        claimed(&next),
+        [("c".to_owned(), at(62)), ("b".to_owned(), at(75))],
+        "the rotated key is due one period after its rotation"
+    );
+    assert_eq!(next[1].key.rotated_at, Some(at(45)));
+    // A suspended key is not claimed; reactivated, it is.
+    store
+        .transition_key(&tenant, &keys[0].id, KeyAction::Suspend, at(80))
+        .await
+        .unwrap();
+    assert!(
+        !claimed(&store.claim_rotation_due(at(95), 10).await.unwrap())
+            .iter()
+            .any(|(name, _)| name == "a")
+    );
+    store
+        .transition_key(&tenant, &keys[0].id, KeyAction::Reactivate, at(96))
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed(&store.claim_rotation_due(at(96), 10).await.unwrap()),
+        [("a".to_owned(), at(90))]
+    );
+    // Deleting a key deletes its claim with it; nothing else was touched.
+    store.delete_key(&tenant, &keys[0].id).await.unwrap();
+    assert_eq!(
+        store.get_key(&tenant, &plain.id).await.unwrap().state,
+        KeyState::Active
+    );
+}
+
+pub async fn list_keys_search_name_or_hint(store: &dyn Store) {
+    let tenant = tenant();
+    let names = [
+        "Billing-Service",
+        "billing_api",
+        "100%-done",
+        "under_score",
+        "back\\slash",
+        "plain",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let (_, mut key) = new_key(&tenant, name);
+        key.hint = format!("zzq{i}");
+        if *name == "plain" {
+            key.hint = "f00d".into();
+        }
+        store.create_key(&key).await.unwrap();
+    }
+    let (_, mut foreign) = new_key(&tenant_other(&tenant), "billing-elsewhere");
+    foreign.hint = "f00d".into();
+    store.create_key(&foreign).await.unwrap();
+
+    let search = |text: &str| {
+        let tenant = tenant.clone();
+        let filter = KeyFilter {
+            search: Some(text.to_owned()),
+            ..Default::default()
+        };
+        async move {
+            let page = store.list_keys(&tenant, &filter).await.unwrap();
+            let mut found: Vec<String> = page.items.into_iter().map(|k| k.name).collect();
+            found.sort();
+            assert_eq!(page.total, found.len() as u64);
+            found
+        }
+    };
+    assert_eq!(
+        search("BILLING").await,
+        ["Billing-Service", "billing_api"],
+        "case is ignored; another tenant's keys never show"
+    );
+    assert_eq!(
+        search("_").await,
+        ["billing_api", "under_score"],
+        "_ is literal"
+    );
+    assert_eq!(search("%").await, ["100%-done"], "% is literal");
+    assert_eq!(search("\\").await, ["back\\slash"], "\\ is literal");
+    assert_eq!(search("l_a").await, Vec::<String>::new());
+    assert_eq!(search("F00D").await, ["plain"], "the hint matches");
+    assert_eq!(search("00").await, ["100%-done", "plain"], "name or hint");
+    assert_eq!(search("ZZQ").await.len(), 5);
+    assert_eq!(search("").await.len(), 6, "empty text matches every key");
+    assert!(search("nothing-like-it").await.is_empty());
+    let active_billing = store
+        .list_keys(
+            &tenant,
+            &KeyFilter {
+                search: Some("billing".into()),
+                state: Some(KeyState::Active),
+                page: page(1, 1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((active_billing.total, active_billing.items.len()), (2, 1));
+}
+
+pub async fn engine_rotation_due_fires_once_per_period(store: Arc<dyn Store>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::new(MemoryAuditSink::default());
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = Engine::builder(store)
+        .clock(clock.clone())
+        .hook(Arc::new(Recorder {
+            label: "a",
+            fail: true,
+            log: log.clone(),
+        }))
+        .hook(Arc::new(Recorder {
+            label: "b",
+            fail: false,
+            log: log.clone(),
+        }))
+        .hook(Arc::new(
+            AuditHook::new(sink.clone()).with_clock(clock.clone()),
+        ))
+        .build();
+    let tenant = tenant();
+    let policy = engine
+        .create_policy(&tenant, rotation_policy("monthly", 30))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for name in ["k1", "k2"] {
+        let request = CreateKey {
+            policy_id: Some(policy.id),
+            ..key_request(name, &[])
+        };
+        ids.push(engine.create_key(&tenant, request).await.unwrap().key.id);
+    }
+    engine
+        .create_key(&tenant, key_request("no-policy", &[]))
+        .await
+        .unwrap();
+    log.lock().unwrap().clear();
+    let due_now = |engine: Engine| {
+        let tenant = tenant.clone();
+        async move {
+            let filter = KeyFilter {
+                rotation_due: true,
+                ..Default::default()
+            };
+            let page = engine.list_keys(&tenant, &filter).await.unwrap();
+            let mut names: Vec<String> = page.items.into_iter().map(|k| k.name).collect();
+            names.sort();
+            names
+        }
+    };
+    let fired = |log: &Mutex<Vec<String>>| {
+        let mut fired = std::mem::take(&mut *log.lock().unwrap());
+        fired.sort();
+        fired
+    };
+
+    clock.set(at(30) - micros(1));
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 0);
+    assert!(due_now(engine.clone()).await.is_empty());
+    clock.set(at(30));
+    assert_eq!(due_now(engine.clone()).await, ["k1", "k2"]);
+    assert_eq!(engine.notify_rotation_due(1).await.unwrap(), 1, "the cap");
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 1);
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 0);
+    let due = at(30).to_rfc3339();
+    assert_eq!(
+        fired(&log),
+        [
+            format!("a:rotation_due(k1@{due})"),
+            format!("a:rotation_due(k2@{due})"),
+            format!("b:rotation_due(k1@{due})"),
+            format!("b:rotation_due(k2@{due})"),
+        ],
+        "every key and every hook, though hook `a` fails each time"
+    );
+
+    clock.set(at(40));
+    engine
+        .rotate_key(&tenant, &ids[0], RotateKey::default())
+        .await
+        .unwrap();
+    log.lock().unwrap().clear();
+    assert_eq!(due_now(engine.clone()).await, ["k2"]);
+    clock.set(at(60));
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 1);
+    let due = at(60).to_rfc3339();
+    assert_eq!(
+        fired(&log),
+        [
+            format!("a:rotation_due(k2@{due})"),
+            format!("b:rotation_due(k2@{due})")
+        ]
+    );
+    clock.set(at(70));
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 1);
+    assert_eq!(engine.notify_rotation_due(100).await.unwrap(), 0);
+    let due = at(70).to_rfc3339();
+    assert_eq!(
+        fired(&log),
+        [
+            format!("a:rotation_due(k1@{due})"),
+            format!("b:rotation_due(k1@{due})")
+        ],
+        "the rotated key fires again one period after its rotation"
+    );
+    let notices: Vec<_> = sink
+        .events()
+        .into_iter()
+        .filter(|e| e.action == "keysmith.key.rotation_due")
+        .collect();
+    assert_eq!(notices.len(), 4);
+    assert_eq!(notices[3].resource_id, Some(ids[0].to_string()));
+    assert_eq!(
+        notices[3].tenant_id.as_deref(),
+        Some(tenant.tenant_id.as_str())
+    );
+    assert_eq!(notices[3].occurred_at, at(70));
+
+    // Searches are checked before any store access.
+    for (text, field) in [("x".repeat(101), "search"), ("a\0b".into(), "search")] {
+        let filter = KeyFilter {
+            search: Some(text),
+            ..Default::default()
+        };
+        match engine.list_keys(&tenant, &filter).await {
+            Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected InvalidInput({field}), got {other:?}"),
+        }
+    }
+    let longest = KeyFilter {
+        search: Some("é".repeat(100)),
+        ..Default::default()
+    };
+    assert_eq!(engine.list_keys(&tenant, &longest).await.unwrap().total, 0);
+}
+
+/// Several sweepers (nodes) claiming at once: every due key is claimed by
+/// exactly one of them.
+pub async fn concurrent_rotation_due_claims_are_disjoint(store: Arc<dyn Store>) {
+    let tenant = tenant();
+    let policy = stored_policy(&*store, &tenant, rotation_policy("monthly", 30)).await;
+    let mut due = HashSet::new();
+    for i in 0..40 {
+        let (_, mut key) = new_key(&tenant, &format!("k{i}"));
+        key.policy_id = Some(policy.id);
+        store.create_key(&key).await.unwrap();
+        due.insert(key.id);
+    }
+    let sweepers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store.claim_rotation_due(at(30), 3).await.unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|d| d.key.id));
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for sweeper in sweepers {
+        claimed.extend(sweeper.await.unwrap());
+    }
+    let unique: HashSet<KeyId> = claimed.iter().copied().collect();
+    assert_eq!(unique.len(), claimed.len(), "no key claimed twice");
+    assert_eq!(unique, due, "every due key claimed");
 }

@@ -11,8 +11,8 @@ use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, PolicyId, ScopeId, UsageId};
 use crate::model::{
-    ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, Scope, Tenant,
-    UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
+    ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, RotationDue, Scope,
+    Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord, rotation_due_at,
 };
 use crate::policy::Policy;
 use crate::ratelimit::{QuotaDecision, QuotaWindow};
@@ -42,6 +42,9 @@ struct State {
     usage_ids: std::collections::HashSet<UsageId, RandomState>,
     aggregates: std::collections::BTreeMap<(KeyId, UsagePeriod, DateTime<Utc>), UsageAggregate>,
     quota_counts: Map<(KeyId, UsagePeriod, DateTime<Utc>), u64>,
+    /// When each key was last claimed by the rotation-due sweep (cleared by a
+    /// rotation).
+    rotation_claims: Map<KeyId, DateTime<Utc>>,
 }
 
 impl MemoryStore {
@@ -115,6 +118,19 @@ impl State {
         }
     }
 
+    /// The rotation period of the key's policy.
+    fn rotation_period(&self, key: &ApiKey) -> Option<std::time::Duration> {
+        key.policy_id
+            .and_then(|id| self.policies.get(&id))
+            .and_then(|p| p.spec.rotation_period)
+    }
+
+    /// When `key` became due for rotation in its current period, if it is
+    /// due at `now` (under its policy as stored).
+    fn rotation_due_at(&self, key: &ApiKey, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        rotation_due_at(key, self.rotation_period(key), now)
+    }
+
     fn scope_name_taken(&self, tenant: &Tenant, name: &str) -> bool {
         self.scopes
             .values()
@@ -157,6 +173,7 @@ impl Store for MemoryStore {
     }
 
     async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
+        let due_now = filter.rotation_due_now()?;
         let state = self.read();
         let mut keys: Vec<ApiKey> = state
             .keys
@@ -176,6 +193,8 @@ impl Store for MemoryStore {
                     .as_ref()
                     .is_none_or(|c| k.created_by.as_ref() == Some(c))
             })
+            .filter(|k| due_now.is_none_or(|now| state.rotation_due_at(k, now).is_some()))
+            .filter(|k| filter.search_matches(k))
             .map(|k| ApiKey::clone(k))
             .collect();
         keys.sort_by_key(|k| std::cmp::Reverse(k.id));
@@ -206,6 +225,7 @@ impl Store for MemoryStore {
         for rotation in state.rotations.remove(id).unwrap_or_default() {
             state.old_hashes.remove(&rotation.old_hash);
         }
+        state.rotation_claims.remove(id);
         Ok(())
     }
 
@@ -260,6 +280,7 @@ impl Store for MemoryStore {
         key.hint = rotation.new_hint.clone();
         key.rotated_at = Some(now);
         key.updated_at = now;
+        state.rotation_claims.remove(&key.id);
         Ok((state.put_key(key), record))
     }
 
@@ -325,6 +346,35 @@ impl Store for MemoryStore {
             }
         }
         Ok(ended)
+    }
+
+    async fn claim_rotation_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<RotationDue>> {
+        let mut state = self.write();
+        let mut due: Vec<(DateTime<Utc>, RotationDue)> = state
+            .keys
+            .values()
+            .filter_map(|k| {
+                let due_at = state.rotation_due_at(k, now)?;
+                let claimed = state.rotation_claims.get(&k.id);
+                if claimed.is_some_and(|at| *at >= due_at) {
+                    return None;
+                }
+                // Earliest first: by when the key first became due.
+                let period = chrono::Duration::from_std(state.rotation_period(k)?).ok()?;
+                let first_due = k.rotated_at.unwrap_or(k.created_at) + period;
+                let key = ApiKey::clone(k);
+                Some((first_due, RotationDue { key, due_at }))
+            })
+            .collect();
+        due.sort_by_key(|(first, d)| (*first, d.key.id));
+        due.truncate(limit as usize);
+        Ok(due
+            .into_iter()
+            .map(|(_, d)| {
+                state.rotation_claims.insert(d.key.id, now);
+                d
+            })
+            .collect())
     }
 
     async fn add_key_scopes(

@@ -32,8 +32,8 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 use crate::error::Result;
 use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
 use crate::model::{
-    ApiKey, KeyAction, KeyFilter, Metadata, Page, PageRequest, Rotation, RotationReason, Scope,
-    Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
+    ApiKey, KeyAction, KeyFilter, Metadata, Page, PageRequest, Rotation, RotationDue,
+    RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::ratelimit::{QuotaDecision, QuotaWindow};
@@ -199,6 +199,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn get_key(&self, tenant: &Tenant, id: &KeyId) -> Result<ApiKey>;
 
     /// The tenant's keys matching the filter, newest first, with the total.
+    /// `rotation_due` needs `filter.now` (`InvalidInput` otherwise).
     async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>>;
 
     /// Applies an update; a new policy must exist in the tenant.
@@ -253,6 +254,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Closes up to `limit` rotation grace periods that ended at or before
     /// `now`, returning the records closed (each once).
     async fn end_grace_periods(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Rotation>>;
+
+    /// Claims up to `limit` keys due for rotation at `now` (see
+    /// [`rotation_due_at`](crate::model::rotation_due_at)) that have not been
+    /// claimed yet in their current period, marking them claimed at `now` in
+    /// the same atomic step, and returns them with the instant each became
+    /// due, earliest first. Each key is returned once per period, whatever
+    /// the number of callers or nodes; rotating a key clears its claim (a new
+    /// period starts).
+    async fn claim_rotation_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<RotationDue>>;
 
     // ---- scopes of a key ----
 

@@ -23,8 +23,8 @@ use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, PolicyId, ScopeId};
 use crate::model::{
-    ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, Scope, Tenant,
-    UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
+    ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, RotationDue, Scope,
+    Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::ratelimit::{QuotaDecision, QuotaWindow};
@@ -615,13 +615,64 @@ async fn touch_key(conn: &mut PgConnection, id: &KeyId, now: DateTime<Utc>) -> R
     key_of(&row)
 }
 
+// Rotation due, over `keysmith_keys k JOIN keysmith_policies p`, with the
+// instant judged at written `$now`: the key's period anchor, its first due
+// instant, whether it is due, and the start of its current period (the anchor
+// plus whole periods, in integer microseconds; NULLIF guards a zero period).
+macro_rules! rotation_anchor {
+    () => {
+        "COALESCE(k.rotated_at, k.created_at)"
+    };
+}
+macro_rules! rotation_first_due {
+    () => {
+        concat!(
+            rotation_anchor!(),
+            " + p.rotation_period_ms * interval '1 millisecond'"
+        )
+    };
+}
+macro_rules! rotation_due {
+    ($now:literal) => {
+        concat!(
+            "k.state = 'active' AND p.rotation_period_ms > 0 \
+             AND (k.expires_at IS NULL OR k.expires_at > ",
+            $now,
+            ") AND ",
+            $now,
+            " >= ",
+            rotation_first_due!()
+        )
+    };
+}
+macro_rules! rotation_due_at {
+    ($now:literal) => {
+        concat!(
+            rotation_anchor!(),
+            " + ((extract(epoch FROM ",
+            $now,
+            " - ",
+            rotation_anchor!(),
+            ") * 1000000)::bigint / (NULLIF(p.rotation_period_ms, 0) * 1000) \
+             * p.rotation_period_ms) * interval '1 millisecond'"
+        )
+    };
+}
+
 macro_rules! key_filter {
     () => {
-        "k.app_id = $1 AND k.tenant_id = $2 \
-         AND ($3::text IS NULL OR k.state = $3) \
-         AND ($4::text IS NULL OR k.environment = $4) \
-         AND ($5::text IS NULL OR k.policy_id = $5) \
-         AND ($6::text IS NULL OR k.created_by = $6)"
+        concat!(
+            "k.app_id = $1 AND k.tenant_id = $2 \
+             AND ($3::text IS NULL OR k.state = $3) \
+             AND ($4::text IS NULL OR k.environment = $4) \
+             AND ($5::text IS NULL OR k.policy_id = $5) \
+             AND ($6::text IS NULL OR k.created_by = $6) \
+             AND ($7::timestamptz IS NULL OR EXISTS (SELECT 1 FROM keysmith_policies p \
+                  WHERE p.id = k.policy_id AND ",
+            rotation_due!("$7"),
+            ")) AND ($8::text IS NULL OR k.name ILIKE $8 ESCAPE '\\' \
+                  OR k.hint ILIKE $8 ESCAPE '\\')"
+        )
     };
 }
 
@@ -630,8 +681,28 @@ const LIST_KEYS: &str = concat!(
     key_columns!(),
     ", page.total FROM (SELECT k.id, count(*) OVER () AS total FROM keysmith_keys k WHERE ",
     key_filter!(),
-    " ORDER BY k.id COLLATE \"C\" DESC LIMIT $7 OFFSET $8) AS page \
+    " ORDER BY k.id COLLATE \"C\" DESC LIMIT $9 OFFSET $10) AS page \
      JOIN keysmith_keys k ON k.id = page.id ORDER BY k.id COLLATE \"C\" DESC"
+);
+
+/// Claims keys due for rotation (`$1` now, `$2` limit) not yet claimed in
+/// their current period; returns each key, its current period's start and its
+/// first due instant.
+const CLAIM_ROTATION_DUE: &str = concat!(
+    "WITH due AS MATERIALIZED (SELECT k.id, ",
+    rotation_due_at!("$1"),
+    " AS due_at, ",
+    rotation_first_due!(),
+    " AS first_due FROM keysmith_keys k JOIN keysmith_policies p ON p.id = k.policy_id WHERE ",
+    rotation_due!("$1"),
+    " AND (k.rotation_due_notified_at IS NULL OR k.rotation_due_notified_at < ",
+    rotation_due_at!("$1"),
+    ") ORDER BY first_due, k.id COLLATE \"C\" LIMIT $2 FOR UPDATE OF k SKIP LOCKED) \
+     UPDATE keysmith_keys AS k SET rotation_due_notified_at = $1 FROM due WHERE k.id = due.id \
+     AND (k.rotation_due_notified_at IS NULL OR k.rotation_due_notified_at < due.due_at) \
+     RETURNING ",
+    key_columns!(),
+    ", due.due_at, due.first_due"
 );
 
 const COUNT_KEYS: &str = concat!("SELECT count(*) FROM keysmith_keys k WHERE ", key_filter!());
@@ -881,6 +952,8 @@ impl Store for PostgresStore {
 
     async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
         let (limit, offset) = limit_and_offset(&filter.page)?;
+        let due_now = filter.rotation_due_now()?;
+        let search = filter.search_pattern();
         let state = filter.state.map(KeyState::as_str);
         let environment = filter.environment.as_ref().map(|e| e.as_str());
         let policy_id = filter.policy_id.map(|p| p.to_string());
@@ -892,6 +965,8 @@ impl Store for PostgresStore {
                 .bind(environment)
                 .bind(&policy_id)
                 .bind(&filter.created_by)
+                .bind(due_now)
+                .bind(&search)
                 .bind(limit)
                 .bind(offset)
                 .fetch_all(&self.pool)
@@ -907,6 +982,8 @@ impl Store for PostgresStore {
                     .bind(environment)
                     .bind(&policy_id)
                     .bind(&filter.created_by)
+                    .bind(due_now)
+                    .bind(&search)
                     .fetch_one(&self.pool)
                     .await
                     .map_err(Error::store)?;
@@ -1051,7 +1128,7 @@ impl Store for PostgresStore {
                 .map_err(db_error(ResourceKind::Rotation))?;
                 let row = sqlx::query(concat!(
                     "UPDATE keysmith_keys AS k SET hash = $2, hint = $3, rotated_at = $4, \
-                     updated_at = $4 WHERE k.id = $1 RETURNING ",
+                     updated_at = $4, rotation_due_notified_at = NULL WHERE k.id = $1 RETURNING ",
                     key_columns!()
                 ))
                 .bind(id.to_string())
@@ -1158,6 +1235,29 @@ impl Store for PostgresStore {
                 .collect::<Result<Vec<_>>>()?;
             ended.sort_by_key(|r| (r.grace_ends, r.id));
             Ok(ended)
+        })
+        .await
+    }
+
+    async fn claim_rotation_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<RotationDue>> {
+        let limit = i64::from(limit.min(MAX_BATCH));
+        self.bounded(async {
+            let rows = sqlx::query(CLAIM_ROTATION_DUE)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::store)?;
+            let mut claimed = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let mut cols = Cols::new(row);
+                let key = cols.key()?;
+                let due_at: DateTime<Utc> = cols.get()?;
+                let first_due: DateTime<Utc> = cols.get()?;
+                claimed.push((first_due, RotationDue { key, due_at }));
+            }
+            claimed.sort_by_key(|(first_due, due)| (*first_due, due.key.id));
+            Ok(claimed.into_iter().map(|(_, due)| due).collect())
         })
         .await
     }

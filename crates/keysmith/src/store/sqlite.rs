@@ -24,8 +24,8 @@ use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, PolicyId, ScopeId};
 use crate::model::{
-    ApiKey, KeyAction, KeyFilter, Page, PageRequest, Rotation, Scope, Tenant, UsageAggregate,
-    UsageFilter, UsagePeriod, UsageRecord,
+    ApiKey, KeyAction, KeyFilter, Page, PageRequest, Rotation, RotationDue, Scope, Tenant,
+    UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::Policy;
 use crate::ratelimit::{QuotaDecision, QuotaWindow};
@@ -461,7 +461,56 @@ async fn policy_exists(conn: &mut SqliteConnection, tenant: &Tenant, id: &Policy
     check_policy(conn, tenant, id).await
 }
 
-fn push_key_filter(q: &mut QueryBuilder<'_, Sqlite>, tenant: &Tenant, filter: &KeyFilter) {
+// Rotation due, over `keysmith_keys k JOIN keysmith_policies p`, with the
+// instant judged at written `{now}`: the key's period anchor, the period in
+// microseconds, whether the key is due, and the start of its current period.
+macro_rules! rotation_anchor {
+    () => {
+        "COALESCE(k.rotated_at, k.created_at)"
+    };
+}
+macro_rules! rotation_period_us {
+    () => {
+        "(p.rotation_period_ms * 1000)"
+    };
+}
+macro_rules! rotation_due {
+    ($now:literal) => {
+        concat!(
+            "k.state = 'active' AND p.rotation_period_ms > 0 \
+             AND (k.expires_at IS NULL OR k.expires_at > ",
+            $now,
+            ") AND ",
+            $now,
+            " >= ",
+            rotation_anchor!(),
+            " + ",
+            rotation_period_us!()
+        )
+    };
+}
+macro_rules! rotation_due_at {
+    ($now:literal) => {
+        concat!(
+            rotation_anchor!(),
+            " + (",
+            $now,
+            " - ",
+            rotation_anchor!(),
+            ") / ",
+            rotation_period_us!(),
+            " * ",
+            rotation_period_us!()
+        )
+    };
+}
+
+fn push_key_filter(
+    q: &mut QueryBuilder<'_, Sqlite>,
+    tenant: &Tenant,
+    filter: &KeyFilter,
+    due_now: Option<DateTime<Utc>>,
+) {
     q.push(" WHERE k.app_id = ")
         .push_bind(tenant.app_id.clone());
     q.push(" AND k.tenant_id = ")
@@ -479,6 +528,23 @@ fn push_key_filter(q: &mut QueryBuilder<'_, Sqlite>, tenant: &Tenant, filter: &K
     }
     if let Some(created_by) = &filter.created_by {
         q.push(" AND k.created_by = ").push_bind(created_by.clone());
+    }
+    if let Some(now) = due_now {
+        // The condition names the instant at each `?`: bind it at each.
+        let mut parts = rotation_due!("?").split('?');
+        q.push(" AND EXISTS (SELECT 1 FROM keysmith_policies p WHERE p.id = k.policy_id AND ");
+        q.push(parts.next().unwrap_or_default());
+        for part in parts {
+            q.push_bind(ts(now)).push(part);
+        }
+        q.push(")");
+    }
+    if let Some(pattern) = filter.search_pattern() {
+        q.push(" AND (k.name LIKE ")
+            .push_bind(pattern.clone())
+            .push(" ESCAPE '\\' OR k.hint LIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\')");
     }
 }
 
@@ -537,9 +603,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self, tenant: &Tenant, filter: &KeyFilter) -> Result<Page<ApiKey>> {
+        let due_now = filter.rotation_due_now()?;
         let mut tx = self.pool.begin().await.map_err(Error::store)?;
         let mut count = QueryBuilder::new("SELECT count(*) FROM keysmith_keys k");
-        push_key_filter(&mut count, tenant, filter);
+        push_key_filter(&mut count, tenant, filter, due_now);
         let total: i64 = count
             .build_query_scalar()
             .fetch_one(&mut *tx)
@@ -547,7 +614,7 @@ impl Store for SqliteStore {
             .map_err(Error::store)?;
         let (limit, offset) = limit_offset(&filter.page);
         let mut list = QueryBuilder::new(format!("SELECT {KEY_COLUMNS} FROM keysmith_keys k"));
-        push_key_filter(&mut list, tenant, filter);
+        push_key_filter(&mut list, tenant, filter, due_now);
         list.push(" ORDER BY k.id DESC LIMIT ").push_bind(limit);
         list.push(" OFFSET ").push_bind(offset);
         let rows = list
@@ -671,7 +738,8 @@ impl Store for SqliteStore {
         .await
         .map_err(db_error(ResourceKind::Rotation))?;
         sqlx::query(
-            "UPDATE keysmith_keys SET hash = ?, hint = ?, rotated_at = ?, updated_at = ? WHERE id = ?",
+            "UPDATE keysmith_keys SET hash = ?, hint = ?, rotated_at = ?, updated_at = ?, \
+             rotation_due_notified_at = NULL WHERE id = ?",
         )
         .bind(rotation.new_hash.to_hex())
         .bind(&rotation.new_hint)
@@ -775,6 +843,53 @@ impl Store for SqliteStore {
         .map_err(Error::store)?;
         tx.commit().await.map_err(Error::store)?;
         rows.iter().map(rotation_from).collect()
+    }
+
+    async fn claim_rotation_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<RotationDue>> {
+        let mut tx = self.write().await?;
+        let ids: Vec<String> = sqlx::query_scalar(concat!(
+            "UPDATE keysmith_keys SET rotation_due_notified_at = ?1 WHERE id IN \
+             (SELECT k.id FROM keysmith_keys k JOIN keysmith_policies p ON p.id = k.policy_id \
+              WHERE ",
+            rotation_due!("?1"),
+            " AND (k.rotation_due_notified_at IS NULL OR k.rotation_due_notified_at < ",
+            rotation_due_at!("?1"),
+            ") ORDER BY ",
+            rotation_anchor!(),
+            " + ",
+            rotation_period_us!(),
+            ", k.id LIMIT ?2) RETURNING id"
+        ))
+        .bind(ts(now))
+        .bind(i64::from(limit.min(MAX_BATCH)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(Error::store)?;
+        let sql = format!(
+            "SELECT {KEY_COLUMNS}, {} AS due_at, {} + {} AS first_due FROM keysmith_keys k \
+             JOIN keysmith_policies p ON p.id = k.policy_id WHERE k.id = ?2",
+            rotation_due_at!("?1"),
+            rotation_anchor!(),
+            rotation_period_us!(),
+        );
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&sql)
+                .bind(ts(now))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(Error::store)?;
+            let first_due: i64 = get(&row, "first_due")?;
+            let due = RotationDue {
+                key: key_from(&row)?,
+                due_at: from_ts("due_at", get(&row, "due_at")?)?,
+            };
+            claimed.push((first_due, due));
+        }
+        tx.commit().await.map_err(Error::store)?;
+        claimed.sort_by_key(|(first_due, due)| (*first_due, due.key.id));
+        Ok(claimed.into_iter().map(|(_, due)| due).collect())
     }
 
     async fn add_key_scopes(
