@@ -431,6 +431,16 @@ async fn forms_without_the_csrf_token_or_from_another_origin_are_refused() {
         .post("/dashboard/keys/new", &[("name", "sneaky")])
         .await
         .assert(StatusCode::FORBIDDEN);
+    client.headers = vec![("sec-fetch-site".into(), "cross-site".into())];
+    client
+        .post("/dashboard/keys/new", &[("name", "sneaky")])
+        .await
+        .assert(StatusCode::FORBIDDEN);
+    client.headers = vec![("origin".into(), "null".into())];
+    client
+        .post("/dashboard/keys/new", &[("name", "sneaky")])
+        .await
+        .assert(StatusCode::FORBIDDEN);
     // The same origin passes.
     client.headers = vec![
         ("origin".into(), "http://127.0.0.1:8080".into()),

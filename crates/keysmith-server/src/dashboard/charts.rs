@@ -47,6 +47,14 @@ fn nice_max(max: u64) -> u64 {
     }
 }
 
+/// How many grid steps divide `max` into whole numbers (at most 5).
+fn ticks(max: u64) -> u64 {
+    [5, 4, 2]
+        .into_iter()
+        .find(|n| max >= *n && max % n == 0)
+        .unwrap_or(1)
+}
+
 fn axes(max: u64, labels: &[&str], unit: &str) -> Markup {
     let plot_w = W - LEFT - RIGHT;
     let base = H - BOTTOM;
@@ -54,11 +62,12 @@ fn axes(max: u64, labels: &[&str], unit: &str) -> Markup {
     // At most ~8 x labels, evenly spread.
     let every = labels.len().div_ceil(8).max(1);
     html! {
-        @for i in 0..=4u64 {
-            @let y = base - (base - TOP) * i as f64 / 4.0;
+        @let ticks = ticks(max);
+        @for i in 0..=ticks {
+            @let y = base - (base - TOP) * i as f64 / ticks as f64;
             line.grid x1=(LEFT) x2=(W - RIGHT) y1=(y) y2=(y) {}
             text.axis x=(LEFT - 4.0) y=(y + 4.0) text-anchor="end" {
-                (max * i / 4) (unit)
+                (max / ticks * i) (unit)
             }
         }
         @for (i, label) in labels.iter().enumerate() {
@@ -156,6 +165,10 @@ mod tests {
         assert_eq!(nice_max(7), 10);
         assert_eq!(nice_max(101), 200);
         assert_eq!(nice_max(u64::MAX), u64::MAX);
+        assert_eq!(
+            (ticks(1), ticks(2), ticks(5), ticks(20), ticks(50)),
+            (1, 2, 5, 5, 5)
+        );
     }
 
     #[test]
