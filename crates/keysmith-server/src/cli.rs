@@ -424,7 +424,7 @@ fn spec(raw: &str) -> Result<PolicySpec, CliError> {
 /// Runs a command other than `serve`.
 pub async fn run(cli: Cli, config: Config) -> Result<(), CliError> {
     let store: Arc<dyn Store> = crate::store::open(&config).await?;
-    let engine = crate::serve::configured_engine(store.clone(), &config).await?;
+    let engine = crate::serve::configured_engine(store.clone(), &config, None).await?;
     let out = Output { json: cli.json };
     match cli.command {
         Command::Serve(_) => unreachable!("serve is handled by main"),

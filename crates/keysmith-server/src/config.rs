@@ -67,6 +67,14 @@ pub struct Config {
     pub sweep_interval: HumanDuration,
     /// How long raw usage records are kept (aggregates stay).
     pub usage_retention: HumanDuration,
+    /// Reported usage waits at most this long in the queue before its batch
+    /// is written.
+    pub usage_flush_interval: HumanDuration,
+    /// Usage records written in one batch insert, at most.
+    pub usage_batch_size: usize,
+    /// Usage records the queue holds; beyond that `POST /v1/usage` answers
+    /// 503 `queue_full`.
+    pub usage_queue_capacity: usize,
     /// Where rate limits and quotas are kept: `local` (rate limits in
     /// process, quotas in the database) or `redis` (both in Redis, shared by
     /// every node).
@@ -105,6 +113,9 @@ impl Default for Config {
             bootstrap: true,
             sweep_interval: HumanDuration(Duration::from_secs(60)),
             usage_retention: HumanDuration(Duration::from_secs(90 * 86_400)),
+            usage_flush_interval: HumanDuration(Duration::from_millis(500)),
+            usage_batch_size: 1000,
+            usage_queue_capacity: 100_000,
             limits_backend: LimitsBackend::Local,
             redis_url: None,
             redis_timeout: HumanDuration(Duration::from_millis(250)),
@@ -126,6 +137,9 @@ const KNOWN: &[&str] = &[
     "bootstrap",
     "sweep_interval",
     "usage_retention",
+    "usage_flush_interval",
+    "usage_batch_size",
+    "usage_queue_capacity",
     "limits_backend",
     "redis_url",
     "redis_timeout",
@@ -165,9 +179,38 @@ pub fn load(
     figment = figment
         .merge(env)
         .merge(Serialized::globals(overrides.clone()));
-    figment
+    let config: Config = figment
         .extract()
-        .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    config.check()?;
+    Ok(config)
+}
+
+impl Config {
+    /// Values that parse but cannot work.
+    fn check(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("usage_batch_size", self.usage_batch_size),
+            ("usage_queue_capacity", self.usage_queue_capacity),
+        ];
+        for (name, value) in positive {
+            anyhow::ensure!(value > 0, "configuration: {name} must be at least 1");
+        }
+        anyhow::ensure!(
+            !self.usage_flush_interval.0.is_zero(),
+            "configuration: usage_flush_interval must be longer than 0s"
+        );
+        Ok(())
+    }
+
+    /// The usage writer's batching.
+    pub fn usage_writer(&self) -> keysmith::usage::UsageWriterOptions {
+        keysmith::usage::UsageWriterOptions {
+            capacity: self.usage_queue_capacity,
+            batch_size: self.usage_batch_size,
+            flush_interval: self.usage_flush_interval.0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +255,12 @@ mod tests {
             jail.create_file("keysmith.toml", "store_timeout = \"soon\"")?;
             let err = load(None, &serde_json::Map::new()).unwrap_err();
             assert!(err.to_string().contains("store_timeout"), "{err}");
+            jail.create_file("keysmith.toml", "usage_batch_size = 0")?;
+            let err = load(None, &serde_json::Map::new()).unwrap_err();
+            assert!(err.to_string().contains("usage_batch_size"), "{err}");
+            jail.create_file("keysmith.toml", "usage_flush_interval = \"0s\"")?;
+            let err = load(None, &serde_json::Map::new()).unwrap_err();
+            assert!(err.to_string().contains("usage_flush_interval"), "{err}");
             Ok(())
         });
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keysmith::hooks::{AuditEvent, AuditHook, AuditSink, HookResult, MetricsHook};
+use keysmith::usage::{UsageSink, UsageWriter};
 use keysmith::{Engine, Store, Tenant, UsagePeriod};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
@@ -64,18 +65,26 @@ pub fn engine(store: Arc<dyn Store>) -> Engine {
 }
 
 /// A builder with the server's hooks: metrics, and audit events into the log.
-fn hooked(store: Arc<dyn Store>) -> keysmith::EngineBuilder {
+pub fn hooked(store: Arc<dyn Store>) -> keysmith::EngineBuilder {
     Engine::builder(store)
         .hook(Arc::new(MetricsHook))
         .hook(Arc::new(AuditHook::new(Arc::new(LogAuditSink))))
 }
 
-/// The engine for `config`: rate limits and quotas in Redis when configured.
-pub async fn configured_engine(store: Arc<dyn Store>, config: &Config) -> anyhow::Result<Engine> {
+/// The engine for `config`: rate limits and quotas in Redis when configured;
+/// reported usage queued into `usage` when given.
+pub async fn configured_engine(
+    store: Arc<dyn Store>,
+    config: &Config,
+    usage: Option<UsageSink>,
+) -> anyhow::Result<Engine> {
     use keysmith::ratelimit::StoreQuotaCounter;
     use keysmith::ratelimit::redis::{RedisOptions, RedisQuotaCounter, RedisRateLimiter};
 
-    let builder = hooked(store.clone());
+    let mut builder = hooked(store.clone());
+    if let Some(sink) = usage {
+        builder = builder.usage_sink(sink);
+    }
     let builder = match config.limits_backend {
         LimitsBackend::Local => builder,
         LimitsBackend::Redis => {
@@ -101,7 +110,8 @@ pub async fn configured_engine(store: Arc<dyn Store>, config: &Config) -> anyhow
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = crate::store::open(&config).await?;
-    let engine = configured_engine(store.clone(), &config).await?;
+    let (usage_writer, usage_sink) = UsageWriter::spawn(store.clone(), config.usage_writer());
+    let engine = configured_engine(store.clone(), &config, Some(usage_sink)).await?;
     if config.bootstrap && !root::any_exist(&engine).await? {
         let tenant = Tenant::new("default", "default")?;
         let created = root::create(&engine, &tenant, Vec::new()).await?;
@@ -139,6 +149,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: in-flight requests finished");
     let _ = stop.send(true);
     let _ = sweeper.await;
+    // Reported usage still queued is written before the process exits.
+    usage_writer.shutdown().await;
     if let Err(error) = engine.flush_last_used().await {
         tracing::warn!(%error, "last_used_at flush at shutdown failed");
     }

@@ -804,11 +804,13 @@ async fn usage_is_recorded_listed_and_aggregated() {
         })
     };
     let batch = json!({ "records": [record(200, "2030-01-01T10:00:00Z"), record(500, "2030-01-02T10:00:00Z")] });
-    let (status, recorded) = app.post("/v1/usage", &root, batch).await;
+    let (status, accepted) = app.post("/v1/usage", &root, batch).await;
     assert_eq!(
-        (status, recorded["recorded"].as_u64()),
-        (StatusCode::CREATED, Some(2))
+        (status, accepted["accepted"].as_u64()),
+        (StatusCode::ACCEPTED, Some(2))
     );
+    // Queued for the usage writer, stored once it flushes.
+    app.usage.flush().await;
     let (_, all) = app.get("/v1/usage", &root).await;
     assert_eq!(all["total"], 2);
     assert_eq!(all["items"][0]["status_code"], 500, "newest first");
@@ -878,6 +880,38 @@ async fn usage_is_recorded_listed_and_aggregated() {
         StatusCode::FORBIDDEN,
         "forbidden",
     );
+}
+
+#[tokio::test]
+async fn reported_usage_goes_through_the_writer_whole_batches_or_nothing() {
+    use keysmith::usage::UsageWriterOptions;
+    // Room for 3 records, and a writer that only flushes when asked.
+    let options = UsageWriterOptions {
+        capacity: 3,
+        batch_size: 1000,
+        flush_interval: std::time::Duration::from_secs(3600),
+    };
+    let mut app = common::app_with_usage(options).await;
+    let root = app.root_key("acme", "prod", &[]).await;
+    let (_, k) = app.post("/v1/keys", &root, json!({ "name": "k" })).await;
+    let record = json!({
+        "key_id": k["key"]["id"], "endpoint": "/orders", "method": "GET",
+        "status_code": 200, "latency_ms": 3
+    });
+    let batch = |n: usize| json!({ "records": vec![record.clone(); n] });
+    // A batch larger than the queue is refused whole, with a clear code.
+    assert_error(
+        &app.post("/v1/usage", &root, batch(4)).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "queue_full",
+    );
+    let (status, _) = app.post("/v1/usage", &root, batch(2)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Shutting the writer down writes what it holds: 2 rows, none of the
+    // refused batch.
+    app.usage_writer.take().unwrap().shutdown().await;
+    let (_, all) = app.get("/v1/usage", &root).await;
+    assert_eq!(all["total"], 2, "{all}");
 }
 
 #[tokio::test]

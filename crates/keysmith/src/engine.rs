@@ -24,6 +24,7 @@ use crate::ratelimit::{
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
 use crate::store::{KeyUpdate, Lookup, NewRotation, Store};
+use crate::usage::UsageSink;
 
 /// Grace period of a rotation when neither the call nor the policy sets one.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 3600);
@@ -174,6 +175,7 @@ pub struct EngineBuilder {
     rate_limiter: Option<Arc<dyn RateLimiter>>,
     quota_counter: Option<Arc<dyn QuotaCounter>>,
     last_used_interval: chrono::Duration,
+    usage_sink: Option<UsageSink>,
 }
 
 impl EngineBuilder {
@@ -204,6 +206,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Queues usage reported through [`Engine::record_usage`] into `sink` (a
+    /// [`UsageWriter`](crate::usage::UsageWriter)'s) instead of writing each
+    /// batch before answering.
+    pub fn usage_sink(mut self, sink: UsageSink) -> Self {
+        self.usage_sink = Some(sink);
+        self
+    }
+
     /// Adds a hook; hooks run in the order they were added.
     pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
         self.hooks.push(hook);
@@ -227,6 +237,7 @@ impl EngineBuilder {
                 quota_counter,
                 last_used: LastUsed::default(),
                 last_used_interval: self.last_used_interval,
+                usage_sink: self.usage_sink,
             }),
         }
     }
@@ -269,6 +280,8 @@ struct Inner {
     last_used: LastUsed,
     /// A key whose `last_used_at` is younger than this is not noted again.
     last_used_interval: chrono::Duration,
+    /// Where reported usage is queued, when it is not written at once.
+    usage_sink: Option<UsageSink>,
 }
 
 type LastUsed =
@@ -284,6 +297,7 @@ impl Engine {
             rate_limiter: None,
             quota_counter: None,
             last_used_interval: chrono::Duration::seconds(60),
+            usage_sink: None,
         }
     }
 
@@ -839,7 +853,11 @@ impl Engine {
 
     /// Records a batch of requests made with the tenant's keys (at most
     /// [`MAX_USAGE_BATCH`]); every record is checked, and a key of another
-    /// tenant is `NotFound`. Returns how many were recorded.
+    /// tenant is `NotFound`. Returns how many were accepted.
+    ///
+    /// With a [usage sink](EngineBuilder::usage_sink) the batch is queued, all
+    /// or nothing (`Error::QueueFull` when there is no room), and written by
+    /// the usage writer; otherwise it is written before this returns.
     pub async fn record_usage(&self, tenant: &Tenant, batch: Vec<NewUsage>) -> Result<usize> {
         check_tenant(tenant)?;
         if batch.len() > MAX_USAGE_BATCH {
@@ -919,8 +937,14 @@ impl Engine {
         for key in &keys {
             self.inner.store.get_key(tenant, key).await?;
         }
-        self.inner.store.insert_usage(&records).await?;
-        Ok(records.len())
+        let count = records.len();
+        match &self.inner.usage_sink {
+            Some(sink) => sink
+                .record_all(records)
+                .map_err(|_| Error::QueueFull("usage"))?,
+            None => self.inner.store.insert_usage(&records).await?,
+        }
+        Ok(count)
     }
 
     /// The tenant's usage records, newest first.

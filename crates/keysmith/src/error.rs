@@ -132,6 +132,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A bounded queue had no room: nothing was taken; retry later.
+    #[error("the {0} queue is full; retry later")]
+    QueueFull(&'static str),
     /// The storage backend failed; the operation did not happen (or, for a
     /// commit whose outcome is unknown, may have).
     #[error("store error: {0}")]
@@ -173,6 +176,7 @@ impl Error {
             Self::PolicyInUse { .. } => "policy_in_use",
             Self::ScopeNotAllowed { .. } => "scope_not_allowed",
             Self::InvalidInput { .. } => "invalid_input",
+            Self::QueueFull(_) => "queue_full",
             Self::Store(_) => "store_unavailable",
         }
     }

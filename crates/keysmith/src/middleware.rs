@@ -154,6 +154,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let settings = self.settings.clone();
         Box::pin(async move {
+            // Latency is the whole request's: validation included.
+            let started = tokio::time::Instant::now();
             if key_in_query(request.uri().query()) {
                 return Ok(deny(
                     StatusCode::UNAUTHORIZED,
@@ -174,8 +176,16 @@ where
             };
             match settings.engine.validate(&raw, &context).await {
                 Ok(valid) => {
-                    let started = std::time::Instant::now();
                     let key = valid.key.clone();
+                    // The route's pattern (`/users/{id}`) when axum matched
+                    // one, so usage groups by endpoint; else the path.
+                    let endpoint = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or_else(|| request.uri().path(), |m| m.as_str())
+                        .chars()
+                        .take(1024)
+                        .collect::<String>();
                     let user_agent = header_str(request.headers(), http::header::USER_AGENT)
                         .map(|ua| ua.chars().take(512).collect::<String>());
                     request
@@ -188,12 +198,7 @@ where
                             key_id: key.id,
                             app_id: key.app_id.clone(),
                             tenant_id: key.tenant_id.clone(),
-                            endpoint: context
-                                .path
-                                .unwrap_or_default()
-                                .chars()
-                                .take(1024)
-                                .collect(),
+                            endpoint,
                             method: context.method.unwrap_or_default(),
                             status_code: response.status().as_u16(),
                             ip: context.ip.map(|ip| ip.to_string()),
@@ -201,7 +206,9 @@ where
                             latency_ms: u64::try_from(started.elapsed().as_millis())
                                 .unwrap_or(u64::MAX),
                             metadata: crate::model::Metadata::new(),
-                            created_at: crate::clock::store_precision(chrono::Utc::now()),
+                            created_at: crate::clock::store_precision(
+                                settings.engine.clock().now(),
+                            ),
                         });
                     }
                     response

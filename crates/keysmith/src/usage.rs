@@ -5,14 +5,16 @@
 //! queue and writes them with one batch insert every `flush_interval` or
 //! `batch_size` records, whichever comes first. [`UsageSink::record`] never
 //! waits: when the queue is full the record is dropped and counted
-//! (`keysmith_usage_dropped_total`). [`UsageWriter::shutdown`] (or dropping the
-//! writer) writes everything still queued.
+//! (`keysmith_usage_dropped_total`). [`UsageSink::record_all`] queues a whole
+//! batch or none of it, for callers that can retry. [`UsageSink::flush`] waits
+//! until everything queued before it is written. [`UsageWriter::shutdown`] (or
+//! dropping the writer) writes everything still queued.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::model::UsageRecord;
@@ -39,10 +41,19 @@ impl Default for UsageWriterOptions {
     }
 }
 
+/// What the queue carries: records, and flush requests that are answered
+/// once every record queued before them is written.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // nearly every message is a record: boxing would allocate each
+enum Message {
+    Record(UsageRecord),
+    Flush(oneshot::Sender<()>),
+}
+
 /// Where requests report usage; cheap to clone, never blocks.
 #[derive(Debug, Clone)]
 pub struct UsageSink {
-    queue: mpsc::Sender<UsageRecord>,
+    queue: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -50,13 +61,41 @@ impl UsageSink {
     /// Queues a record; `false` (and the record dropped and counted) when the
     /// queue is full or the writer has stopped.
     pub fn record(&self, record: UsageRecord) -> bool {
-        match self.queue.try_send(record) {
+        match self.queue.try_send(Message::Record(record)) {
             Ok(()) => true,
             Err(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keysmith_usage_dropped_total").increment(1);
                 false
             }
+        }
+    }
+
+    /// Queues every record of `records`, or none: when the queue has no room
+    /// for all of them (or the writer has stopped) they are handed back, and
+    /// the caller may retry. Never waits.
+    pub fn record_all(&self, records: Vec<UsageRecord>) -> Result<(), Vec<UsageRecord>> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self.queue.try_reserve_many(records.len()) {
+            Ok(permits) => {
+                for (permit, record) in permits.zip(records) {
+                    permit.send(Message::Record(record));
+                }
+                Ok(())
+            }
+            Err(_) => Err(records),
+        }
+    }
+
+    /// Waits until every record queued before this call is written (or was
+    /// refused by the store and counted as dropped). Returns at once when the
+    /// writer has stopped, since it wrote everything before stopping.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send(Message::Flush(done)).await.is_ok() {
+            let _ = written.await;
         }
     }
 
@@ -110,7 +149,7 @@ impl Drop for UsageWriter {
 
 async fn run(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<UsageRecord>,
+    mut rx: mpsc::Receiver<Message>,
     mut stopped: watch::Receiver<bool>,
     options: UsageWriterOptions,
 ) {
@@ -121,11 +160,15 @@ async fn run(
     loop {
         tokio::select! {
             received = rx.recv() => match received {
-                Some(record) => {
+                Some(Message::Record(record)) => {
                     batch.push(record);
                     if batch.len() >= batch_size {
                         write(&*store, &mut batch).await;
                     }
+                }
+                Some(Message::Flush(done)) => {
+                    write(&*store, &mut batch).await;
+                    let _ = done.send(());
                 }
                 None => break,
             },
@@ -134,13 +177,22 @@ async fn run(
         }
     }
     // Shutting down: everything still queued is written.
-    while let Ok(record) = rx.try_recv() {
-        batch.push(record);
-        if batch.len() >= batch_size {
-            write(&*store, &mut batch).await;
+    let mut waiting = Vec::new();
+    while let Ok(message) = rx.try_recv() {
+        match message {
+            Message::Record(record) => {
+                batch.push(record);
+                if batch.len() >= batch_size {
+                    write(&*store, &mut batch).await;
+                }
+            }
+            Message::Flush(done) => waiting.push(done),
         }
     }
     write(&*store, &mut batch).await;
+    for done in waiting {
+        let _ = done.send(());
+    }
 }
 
 async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
@@ -156,4 +208,65 @@ async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
         }
     }
     batch.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{KeyId, UsageId};
+    use crate::model::{Tenant, UsageFilter};
+    use crate::store::MemoryStore;
+
+    fn record(tenant: &Tenant) -> UsageRecord {
+        UsageRecord {
+            id: UsageId::new(),
+            key_id: KeyId::new(),
+            app_id: tenant.app_id.clone(),
+            tenant_id: tenant.tenant_id.clone(),
+            endpoint: "/x".into(),
+            method: "GET".into(),
+            status_code: 200,
+            ip: None,
+            user_agent: None,
+            latency_ms: 1,
+            metadata: Default::default(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    async fn stored(store: &dyn Store, tenant: &Tenant) -> u64 {
+        let filter = UsageFilter::default();
+        store.list_usage(tenant, &filter).await.unwrap().total
+    }
+
+    #[tokio::test]
+    async fn record_all_takes_whole_batches_and_flush_waits_for_the_write() {
+        let store = Arc::new(MemoryStore::new());
+        let tenant = Tenant::new("app", "t").unwrap();
+        let options = UsageWriterOptions {
+            capacity: 4,
+            batch_size: 1000,
+            // Only an explicit flush or shutdown writes in this test.
+            flush_interval: Duration::from_secs(3600),
+        };
+        let (writer, sink) = UsageWriter::spawn(store.clone(), options);
+        let too_many: Vec<_> = (0..5).map(|_| record(&tenant)).collect();
+        let handed_back = sink.record_all(too_many).unwrap_err();
+        assert_eq!(handed_back.len(), 5, "nothing of a refused batch is taken");
+        sink.record_all((0..3).map(|_| record(&tenant)).collect())
+            .unwrap();
+        sink.flush().await;
+        assert_eq!(stored(&*store, &tenant).await, 3);
+        assert!(sink.record(record(&tenant)));
+        writer.shutdown().await;
+        assert_eq!(
+            stored(&*store, &tenant).await,
+            4,
+            "shutdown writes the rest"
+        );
+        // A stopped writer takes nothing, and flush does not hang.
+        assert!(sink.record_all(vec![record(&tenant)]).is_err());
+        sink.flush().await;
+        assert_eq!(sink.dropped(), 0);
+    }
 }

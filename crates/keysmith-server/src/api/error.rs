@@ -102,6 +102,7 @@ impl From<Error> for ApiError {
                     message: "the key store is unavailable; retry later".into(),
                 };
             }
+            Error::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Error::RateLimited { .. } | Error::QuotaExceeded { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, error.code())
             }

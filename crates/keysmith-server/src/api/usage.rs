@@ -21,9 +21,10 @@ pub struct UsageBatch {
 
 /// Answer of `POST /v1/usage`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Recorded {
-    /// How many records were stored.
-    pub recorded: usize,
+pub struct Accepted {
+    /// How many records were accepted; the usage writer stores them within
+    /// its flush interval.
+    pub accepted: usize,
 }
 
 /// Time window and paging for usage lists.
@@ -54,21 +55,24 @@ pub struct AggregateQuery {
     pub before: Option<DateTime<Utc>>,
 }
 
-/// Record a batch of requests (for gateways that report usage).
+/// Record a batch of requests (for gateways that report usage). The batch is
+/// checked, then queued for the usage writer, all or nothing.
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageBatch,
-    responses((status = 201, body = Recorded), (status = 400, body = super::error::ErrorBody),
-        (status = 404, description = "a key of another tenant", body = super::error::ErrorBody)),
+    responses((status = 202, body = Accepted), (status = 400, body = super::error::ErrorBody),
+        (status = 404, description = "a key of another tenant", body = super::error::ErrorBody),
+        (status = 503, description = "the usage queue is full (`queue_full`): retry later",
+            body = super::error::ErrorBody)),
     security(("root_key" = [])))]
 pub async fn record(
     State(engine): State<Engine>,
     auth: Auth,
     ApiJson(batch): ApiJson<UsageBatch>,
-) -> Result<(StatusCode, Json<Recorded>), ApiError> {
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let principal = auth.require(USAGE_WRITE)?;
-    let recorded = engine
+    let accepted = engine
         .record_usage(&principal.tenant, batch.records)
         .await?;
-    Ok((StatusCode::CREATED, Json(Recorded { recorded })))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { accepted })))
 }
 
 async fn list_for(

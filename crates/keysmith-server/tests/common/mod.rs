@@ -6,23 +6,35 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use keysmith::usage::{UsageSink, UsageWriter, UsageWriterOptions};
 use keysmith::{SqliteStore, Store, Tenant};
 use keysmith_server::api::{self, AppState, Limits};
 use serde_json::Value;
 use tower::ServiceExt;
 
-/// An in-process server on a fresh in-memory SQLite store.
+/// An in-process server on a fresh in-memory SQLite store, with reported
+/// usage going through a usage writer as in `keysmith serve`.
 pub struct TestApp {
     pub router: Router,
     pub engine: keysmith::Engine,
     pub store: SqliteStore,
+    pub usage: UsageSink,
+    /// Taken by tests that shut the writer down.
+    pub usage_writer: Option<UsageWriter>,
 }
 
 pub async fn app() -> TestApp {
+    app_with_usage(UsageWriterOptions::default()).await
+}
+
+pub async fn app_with_usage(options: UsageWriterOptions) -> TestApp {
     let store = SqliteStore::open(":memory:").await.unwrap();
     store.migrate().await.unwrap();
     let shared: Arc<dyn Store> = Arc::new(store.clone());
-    let engine = keysmith_server::serve::engine(shared.clone());
+    let (usage_writer, usage) = UsageWriter::spawn(shared.clone(), options);
+    let engine = keysmith_server::serve::hooked(shared.clone())
+        .usage_sink(usage.clone())
+        .build();
     let state = AppState {
         engine: engine.clone(),
         store: shared,
@@ -36,6 +48,8 @@ pub async fn app() -> TestApp {
         router: api::router(state, limits),
         engine,
         store,
+        usage,
+        usage_writer: Some(usage_writer),
     }
 }
 
