@@ -90,6 +90,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     let request_id = axum::http::HeaderName::from_static("x-request-id");
     Router::new()
         .nest("/v1", v1)
+        .nest("/dashboard", crate::dashboard::router(state.engine.clone()))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))

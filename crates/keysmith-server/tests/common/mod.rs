@@ -24,7 +24,11 @@ pub struct TestApp {
 }
 
 pub async fn app() -> TestApp {
-    app_with(UsageWriterOptions::default(), Arc::new(keysmith::SystemClock)).await
+    app_with(
+        UsageWriterOptions::default(),
+        Arc::new(keysmith::SystemClock),
+    )
+    .await
 }
 
 /// [`app`] with the usage writer batching as `options` says.

@@ -1,0 +1,116 @@
+//! Cached validation against its floor (SHA-256 of the raw key plus one
+//! hash-map lookup), with SQLite behind the cache, and the memory each cached
+//! key costs. Run with
+//! `cargo bench -p keysmith --features sqlite --bench cache`.
+
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use keysmith::cache::CacheOptions;
+use keysmith::{CreateKey, Engine, RequestContext, SecretHash, SqliteStore, Tenant};
+
+/// Keys (override with `KEYSMITH_BENCH_KEYS`).
+fn key_count() -> usize {
+    std::env::var("KEYSMITH_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Resident memory of this process, in bytes (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Polls a future that never waits (a cache hit does no I/O) to its end.
+fn now<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => panic!("a cache hit never waits"),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let keys = key_count();
+    let (engine, raws) = rt.block_on(async {
+        let store = SqliteStore::open(":memory:").await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = Engine::builder(Arc::new(store))
+            .cache(CacheOptions {
+                capacity: keys * 2,
+                ttl: Duration::from_secs(3600),
+                ..CacheOptions::default()
+            })
+            .build();
+        let tenant = Tenant::new("bench", "t").unwrap();
+        let mut raws = Vec::with_capacity(keys);
+        for i in 0..keys {
+            let request = CreateKey {
+                name: format!("k{i}"),
+                scopes: vec!["read".into()],
+                ..Default::default()
+            };
+            let created = engine.create_key(&tenant, request).await.unwrap();
+            raws.push(created.raw_key.expose_secret().to_owned());
+        }
+        (engine, raws)
+    });
+    // Every key validated once: into the cache (and its last_used_at written).
+    let before = resident_bytes();
+    rt.block_on(async {
+        for raw in &raws {
+            engine
+                .validate(raw, &RequestContext::default())
+                .await
+                .unwrap();
+        }
+        engine.flush_last_used().await.unwrap();
+    });
+    let after = resident_bytes();
+    assert_eq!(engine.cache_len().0, keys, "every key is cached");
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "cache: {keys} keys cached, {} bytes of resident memory per cached key",
+            after.saturating_sub(before) / keys as u64
+        );
+    }
+
+    let map: HashMap<SecretHash, Arc<String>, foldhash::fast::RandomState> = raws
+        .iter()
+        .map(|raw| (SecretHash::of(raw), Arc::new(raw.clone())))
+        .collect();
+    let mut group = c.benchmark_group("cache");
+    let mut i = 0usize;
+    group.bench_function("floor_sha256_plus_hashmap", |b| {
+        b.iter(|| {
+            i = (i + 7919) % raws.len();
+            let hash = SecretHash::of(black_box(&raws[i]));
+            black_box(map.get(&hash).cloned())
+        })
+    });
+    let none = RequestContext::default();
+    let mut i = 0usize;
+    group.bench_function("engine_cached_sqlite", |b| {
+        b.iter(|| {
+            i = (i + 7919) % raws.len();
+            now(engine.validate(black_box(&raws[i]), &none)).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
