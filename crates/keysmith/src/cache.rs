@@ -19,8 +19,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,8 +29,10 @@ use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::id::{KeyId, PolicyId};
+use crate::model::ApiKey;
+use crate::policy::Policy;
 use crate::secret::SecretHash;
-use crate::store::Lookup;
+use crate::store::{Lookup, RotatedSecret};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -110,8 +112,43 @@ pub trait ChangeFeed: fmt::Debug + Send + Sync + 'static {
 
 const SHARDS: usize = 16;
 
-/// One shard: each hash with its value and when it was stored.
-type Shard<V> = RwLock<HashMap<SecretHash, (V, DateTime<Utc>), foldhash::fast::RandomState>>;
+/// One shard: each hash with its value and when it was stored (Unix
+/// microseconds).
+type Shard<V> = RwLock<HashMap<SecretHash, (V, i64), foldhash::fast::RandomState>>;
+
+/// What the cache keeps of a lookup: three words, so that an entry (hash,
+/// this, age) is 64 bytes, one cache line, for the hot path's sake.
+#[derive(Clone)]
+struct Compact {
+    key: Arc<ApiKey>,
+    policy: Option<Arc<Policy>>,
+    /// Rare (a secret in its rotation grace period): boxed to keep entries small.
+    rotated: Option<Box<RotatedSecret>>,
+}
+
+impl From<Lookup> for Compact {
+    fn from(found: Lookup) -> Self {
+        Self {
+            key: found.key,
+            policy: found.policy,
+            rotated: found.rotated.map(Box::new),
+        }
+    }
+}
+
+impl Compact {
+    fn expand(&self) -> Lookup {
+        Lookup {
+            key: self.key.clone(),
+            policy: self.policy.clone(),
+            rotated: self.rotated.as_deref().copied(),
+        }
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
 
 /// One side of the cache (found keys, or unknown hashes), in shards.
 struct Side<V> {
@@ -132,10 +169,16 @@ impl<V: Clone> Side<V> {
         &self.shards[usize::from(hash.as_bytes()[0]) % SHARDS]
     }
 
-    fn get(&self, hash: &SecretHash, now: DateTime<Utc>, ttl: chrono::Duration) -> Option<V> {
+    fn get<T>(
+        &self,
+        hash: &SecretHash,
+        now: i64,
+        ttl: i64,
+        read: impl FnOnce(&V) -> T,
+    ) -> Option<T> {
         let shard = self.shard(hash).read().unwrap_or_else(|p| p.into_inner());
         let (value, stored_at) = shard.get(hash)?;
-        (now.signed_duration_since(*stored_at) < ttl).then(|| value.clone())
+        (now.saturating_sub(*stored_at) < ttl).then(|| read(value))
     }
 
     /// Inserts under the shard's lock, if `still_valid` (checked under it).
@@ -143,8 +186,8 @@ impl<V: Clone> Side<V> {
         &self,
         hash: SecretHash,
         value: V,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
+        now: i64,
+        ttl: i64,
         still_valid: impl FnOnce() -> bool,
     ) {
         let mut shard = self.shard(&hash).write().unwrap_or_else(|p| p.into_inner());
@@ -155,7 +198,7 @@ impl<V: Clone> Side<V> {
             // Full: drop what has outlived its TTL, else an arbitrary
             // sixteenth (hash order is unrelated to use), so that inserts stay
             // cheap on average.
-            shard.retain(|_, (_, at)| now.signed_duration_since(*at) < ttl);
+            shard.retain(|_, (_, at)| now.saturating_sub(*at) < ttl);
             if shard.len() >= self.per_shard {
                 let doomed: Vec<SecretHash> = shard
                     .keys()
@@ -168,6 +211,14 @@ impl<V: Clone> Side<V> {
             }
         }
         shard.insert(hash, (value, now));
+    }
+
+    /// Changes the value held for `hash`, if any (its age stays).
+    fn update(&self, hash: &SecretHash, change: impl FnOnce(&mut V)) {
+        let mut shard = self.shard(hash).write().unwrap_or_else(|p| p.into_inner());
+        if let Some((value, _)) = shard.get_mut(hash) {
+            change(value);
+        }
     }
 
     fn retain(&self, keep: impl Fn(&V) -> bool) {
@@ -195,8 +246,11 @@ pub(crate) struct Generation {
 /// The cache itself, shared by an engine and its change-feed listener.
 pub(crate) struct ValidationCache {
     options: CacheOptions,
+    /// The lifetimes in microseconds: (found, unknown) when fresh, and when
+    /// disconnected from the change feed.
+    lifetimes: [(i64, i64); 2],
     /// Hashes that were found, with what was found.
-    found: Side<Lookup>,
+    found: Side<Compact>,
     /// Hashes that were not found.
     unknown: Side<()>,
     /// Bumped by every invalidation of found keys: a lookup that raced one
@@ -219,14 +273,15 @@ impl fmt::Debug for ValidationCache {
     }
 }
 
-fn chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 impl ValidationCache {
     pub(crate) fn new(options: CacheOptions) -> Self {
+        let degraded = |ttl: Duration| micros(ttl.min(options.degraded_ttl));
         Self {
             options,
+            lifetimes: [
+                (micros(options.ttl), micros(options.negative_ttl)),
+                (degraded(options.ttl), degraded(options.negative_ttl)),
+            ],
             found: Side::new(options.capacity),
             unknown: Side::new(options.capacity),
             generation: AtomicU64::new(0),
@@ -235,25 +290,19 @@ impl ValidationCache {
         }
     }
 
-    fn ttl(&self, found: bool) -> chrono::Duration {
-        let ttl = if found {
-            self.options.ttl
-        } else {
-            self.options.negative_ttl
-        };
-        if self.fresh.load(Ordering::Relaxed) {
-            chrono(ttl)
-        } else {
-            chrono(ttl.min(self.options.degraded_ttl))
-        }
+    fn ttl(&self, found: bool) -> i64 {
+        let (found_ttl, unknown_ttl) =
+            self.lifetimes[usize::from(!self.fresh.load(Ordering::Relaxed))];
+        if found { found_ttl } else { unknown_ttl }
     }
 
     /// `Some(found)` on a live entry (`Some(None)`: known not to exist).
     pub(crate) fn get(&self, hash: &SecretHash, now: DateTime<Utc>) -> Option<Option<Lookup>> {
-        if let Some(found) = self.found.get(hash, now, self.ttl(true)) {
+        let now = now.timestamp_micros();
+        if let Some(found) = self.found.get(hash, now, self.ttl(true), Compact::expand) {
             return Some(Some(found));
         }
-        self.unknown.get(hash, now, self.ttl(false)).map(|()| None)
+        self.unknown.get(hash, now, self.ttl(false), |()| None)
     }
 
     /// The generation to hand back to [`insert`](Self::insert) after the
@@ -275,16 +324,31 @@ impl ValidationCache {
         generation: Generation,
     ) {
         let unchanged = || self.generation.load(Ordering::Acquire) == generation.changed;
+        let now = now.timestamp_micros();
         match found {
-            Some(found) => self
-                .found
-                .insert(hash, found, now, chrono(self.options.ttl), unchanged),
+            Some(found) => {
+                self.found
+                    .insert(hash, found.into(), now, micros(self.options.ttl), unchanged)
+            }
             None => self
                 .unknown
-                .insert(hash, (), now, chrono(self.options.negative_ttl), || {
+                .insert(hash, (), now, micros(self.options.negative_ttl), || {
                     unchanged() && self.created.load(Ordering::Acquire) == generation.created
                 }),
         }
+    }
+
+    /// Records that the cached key behind `hash` was used at `now` (noted
+    /// for the `last_used_at` write-behind), so that the engine does not note
+    /// it again at every validation within the coalescing interval.
+    pub(crate) fn note_used(&self, hash: &SecretHash, now: DateTime<Utc>) {
+        self.found.update(hash, |found| {
+            if found.key.last_used_at.is_none_or(|at| at < now) {
+                let mut key = (*found.key).clone();
+                key.last_used_at = Some(now);
+                found.key = Arc::new(key);
+            }
+        });
     }
 
     /// Applies a change: the entries it may have made stale are dropped.

@@ -629,11 +629,10 @@ impl Engine {
 
     /// What validation finds for `hash`: from the cache when it holds it,
     /// else from the store (and then cached).
-    async fn lookup(&self, hash: &SecretHash) -> Result<Option<Lookup>> {
+    async fn lookup(&self, hash: &SecretHash, now: DateTime<Utc>) -> Result<Option<Lookup>> {
         let Some(cache) = &self.inner.cache else {
             return self.inner.store.lookup(hash).await;
         };
-        let now = self.inner.clock.now();
         if let Some(found) = cache.get(hash, now) {
             return Ok(found);
         }
@@ -663,46 +662,51 @@ impl Engine {
     /// A store failure is an `Error::Store`, never a valid result.
     pub async fn validate(&self, raw_key: &str, request: &RequestContext) -> Result<Validation> {
         // 1. Format and checksum: no I/O for anything that is not a key.
-        let outcome = if ParsedKey::parse(raw_key).is_none() {
-            Err((Error::InvalidKey, None))
-        } else {
-            // 2. Hash, then the store (current secret, else a rotated one).
-            let hash = SecretHash::of(raw_key);
-            let found = self.lookup(&hash).await?;
-            self.check(found, &hash, request)
+        let Some(_) = ParsedKey::parse(raw_key) else {
+            return self.refused(Error::InvalidKey, None).await;
         };
+        // The clock is read once per validation.
+        let now = self.inner.clock.now();
+        // 2. Hash, then the cache or the store (current secret, else a
+        // rotated one).
+        let hash = SecretHash::of(raw_key);
+        let found = self.lookup(&hash, now).await?;
+        let outcome = self.check(found, &hash, request, now);
         // 6. Rate limit and 7. quota, for keys that passed everything else.
         let outcome = match outcome {
             Ok(valid) if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) => {
-                self.enforce_limits(valid, request).await?
+                self.enforce_limits(valid, request, now).await?
             }
             other => other,
         };
         match outcome {
             Ok(valid) => {
-                self.note_use(&valid.key);
+                self.note_use(&valid.key, &hash, now);
                 run_hooks!(self.hooks(), "key_validated", |h| h
                     .key_validated(&valid.key));
                 Ok(valid)
             }
-            Err((error, key)) => {
-                // Rate limits and quotas fired their own hooks.
-                let limited = matches!(
-                    error,
-                    Error::RateLimited { .. } | Error::QuotaExceeded { .. }
-                );
-                if !self.hooks().is_empty() && !limited {
-                    let failure = Failure {
-                        tenant: None,
-                        key: key.as_deref(),
-                        error: &error,
-                    };
-                    run_hooks!(self.hooks(), "validation_failed", |h| h
-                        .validation_failed(failure));
-                }
-                Err(error)
-            }
+            Err((error, key)) => self.refused(error, key).await,
         }
+    }
+
+    /// A refused validation: the hooks hear of it, the caller gets `error`.
+    async fn refused(&self, error: Error, key: Option<Arc<ApiKey>>) -> Result<Validation> {
+        // Rate limits and quotas fired their own hooks.
+        let limited = matches!(
+            error,
+            Error::RateLimited { .. } | Error::QuotaExceeded { .. }
+        );
+        if !self.hooks().is_empty() && !limited {
+            let failure = Failure {
+                tenant: None,
+                key: key.as_deref(),
+                error: &error,
+            };
+            run_hooks!(self.hooks(), "validation_failed", |h| h
+                .validation_failed(failure));
+        }
+        Err(error)
     }
 
     /// Steps 2 (the constant-time check) to 8 of validation, on what the store
@@ -712,6 +716,7 @@ impl Engine {
         found: Option<Lookup>,
         hash: &SecretHash,
         request: &RequestContext,
+        now: DateTime<Utc>,
     ) -> std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)> {
         let Some(found) = found else {
             return Err((Error::InvalidKey, None));
@@ -731,7 +736,7 @@ impl Engine {
                 return Err((Error::InvalidKey, None));
             }
         }
-        // 4. State, expiry, grace. The clock is read only when a date matters.
+        // 4. State, expiry, grace.
         match key.state {
             KeyState::Active => {}
             KeyState::Revoked => return Err(deny(Error::KeyRevoked)),
@@ -739,14 +744,11 @@ impl Engine {
             KeyState::Expired => return Err(deny(Error::KeyExpired)),
         }
         let grace_ends = found.rotated.map(|r| r.grace_ends);
-        if key.expires_at.is_some() || grace_ends.is_some() {
-            let now = self.inner.clock.now();
-            if key.expires_at.is_some_and(|at| at <= now) {
-                return Err(deny(Error::KeyExpired));
-            }
-            if grace_ends.is_some_and(|at| at <= now) {
-                return Err(deny(Error::KeyRotated));
-            }
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(deny(Error::KeyExpired));
+        }
+        if grace_ends.is_some_and(|at| at <= now) {
+            return Err(deny(Error::KeyRotated));
         }
         // 5. Policy: ip, origin, method, path, then required scopes.
         match &found.policy {
@@ -779,6 +781,7 @@ impl Engine {
         &self,
         mut valid: Validation,
         request: &RequestContext,
+        now: DateTime<Utc>,
     ) -> Result<std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)>> {
         let Some(policy) = valid.policy.clone() else {
             return Ok(Ok(valid));
@@ -801,7 +804,6 @@ impl Engine {
             }
         }
         if let Some(spec) = QuotaSpec::of(&policy.spec) {
-            let now = self.inner.clock.now();
             let decision = self
                 .inner
                 .quota_counter
@@ -1184,11 +1186,11 @@ impl Engine {
 
     // --------------------------------------------------------- last used at
 
-    /// Notes a use for the write-behind, unless the stored `last_used_at` is
-    /// already within the coalescing interval (so hot keys cost one clock
-    /// read, not a map insert).
-    fn note_use(&self, key: &ApiKey) {
-        let now = self.inner.clock.now();
+    /// Notes a use for the write-behind, unless the key's `last_used_at` is
+    /// already within the coalescing interval (so hot keys cost a comparison,
+    /// not a map insert). A cached key is given the new time too, so that it
+    /// is noted once per interval, not at every validation.
+    fn note_use(&self, key: &ApiKey, hash: &SecretHash, now: DateTime<Utc>) {
         let interval = self.inner.last_used_interval;
         if key
             .last_used_at
@@ -1196,12 +1198,14 @@ impl Engine {
         {
             return;
         }
-        let mut pending = self
-            .inner
+        self.inner
             .last_used
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        pending.insert(key.id, now);
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.id, now);
+        if let Some(cache) = &self.inner.cache {
+            cache.note_used(hash, now);
+        }
     }
 
     /// Writes the `last_used_at` of every key validated since the last flush,

@@ -398,3 +398,23 @@ async fn changes_reach_other_engines_through_the_feed() {
         KeyState::Suspended
     );
 }
+
+#[tokio::test]
+async fn a_cached_key_is_noted_for_last_used_once_per_interval() {
+    let s = setup();
+    let (k, raw) = key(&s.engine, &[]).await;
+    for _ in 0..5 {
+        assert_eq!(check(&s.engine, &raw).await, Ok(()));
+    }
+    assert_eq!(s.engine.flush_last_used().await.unwrap(), 1);
+    // Within the (default one-minute) interval: nothing new to write, even
+    // though the cached copy predates the write.
+    advance(&s.clock, Duration::from_secs(30));
+    assert_eq!(check(&s.engine, &raw).await, Ok(()));
+    assert_eq!(s.engine.flush_last_used().await.unwrap(), 0);
+    advance(&s.clock, Duration::from_secs(31));
+    assert_eq!(check(&s.engine, &raw).await, Ok(()));
+    assert_eq!(s.engine.flush_last_used().await.unwrap(), 1);
+    let stored = s.engine.get_key(&tenant(), &k.id).await.unwrap();
+    assert_eq!(stored.last_used_at, Some(s.clock.now()));
+}
