@@ -20,7 +20,7 @@ use crate::model::{
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
 use crate::ratelimit::{
     LocalRateLimiter, QuotaCounter, QuotaSpec, QuotaState, RateLimitState, RateLimiter, RateSpec,
-    StoreQuotaCounter,
+    consume_in_store,
 };
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
@@ -194,7 +194,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Uses `counter` for policies' quotas (default: [`StoreQuotaCounter`] on
+    /// Uses `counter` for policies' quotas (default: [`StoreQuotaCounter`](crate::ratelimit::StoreQuotaCounter) on
     /// the engine's store).
     pub fn quota_counter(mut self, counter: Arc<dyn QuotaCounter>) -> Self {
         self.quota_counter = Some(counter);
@@ -243,12 +243,15 @@ impl EngineBuilder {
 
     /// The engine.
     pub fn build(self) -> Engine {
-        let rate_limiter = self
-            .rate_limiter
-            .unwrap_or_else(|| Arc::new(LocalRateLimiter::default()));
-        let quota_counter = self
-            .quota_counter
-            .unwrap_or_else(|| Arc::new(StoreQuotaCounter::new(self.store.clone())));
+        // The defaults are called directly, without a boxed future each.
+        let rate_limiter = match self.rate_limiter {
+            Some(limiter) => Rates::Custom(limiter),
+            None => Rates::Local(LocalRateLimiter::default()),
+        };
+        let quota_counter = match self.quota_counter {
+            Some(counter) => Quotas::Custom(counter),
+            None => Quotas::Store,
+        };
         let cache = self.cache.map(|o| Arc::new(ValidationCache::new(o)));
         let mut follower = None;
         if let (Some(cache), Some(feed)) = (&cache, &self.change_feed) {
@@ -314,8 +317,8 @@ struct Inner {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     hooks: Hooks,
-    rate_limiter: Arc<dyn RateLimiter>,
-    quota_counter: Arc<dyn QuotaCounter>,
+    rate_limiter: Rates,
+    quota_counter: Quotas,
     /// Keys used since the last flush, with when: written behind, one store
     /// write per key per flush, never one per request.
     last_used: LastUsed,
@@ -337,6 +340,21 @@ impl Drop for Inner {
             follower.abort();
         }
     }
+}
+
+/// The engine's rate limiter: the in-process default, or one it was given.
+#[derive(Debug)]
+enum Rates {
+    Local(LocalRateLimiter),
+    Custom(Arc<dyn RateLimiter>),
+}
+
+/// The engine's quota counter: the store's counts (the default), or one it
+/// was given.
+#[derive(Debug)]
+enum Quotas {
+    Store,
+    Custom(Arc<dyn QuotaCounter>),
 }
 
 type LastUsed =
@@ -788,11 +806,10 @@ impl Engine {
         };
         let cost = request.cost.max(1);
         if let Some(spec) = RateSpec::of(&policy.spec) {
-            let state = self
-                .inner
-                .rate_limiter
-                .check(&valid.key.id, &spec, cost)
-                .await?;
+            let state = match &self.inner.rate_limiter {
+                Rates::Local(local) => local.check_now(&valid.key.id, &spec, cost)?,
+                Rates::Custom(limiter) => limiter.check(&valid.key.id, &spec, cost).await?,
+            };
             valid.rate_limit = Some(state);
             if !state.allowed {
                 run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(&valid.key));
@@ -804,11 +821,12 @@ impl Engine {
             }
         }
         if let Some(spec) = QuotaSpec::of(&policy.spec) {
-            let decision = self
-                .inner
-                .quota_counter
-                .consume(&valid.key.id, &spec, cost, now)
-                .await?;
+            let decision = match &self.inner.quota_counter {
+                Quotas::Store => {
+                    consume_in_store(&*self.inner.store, &valid.key.id, &spec, cost, now).await?
+                }
+                Quotas::Custom(counter) => counter.consume(&valid.key.id, &spec, cost, now).await?,
+            };
             if !decision.allowed {
                 run_hooks!(self.hooks(), "quota_exceeded", |h| h
                     .quota_exceeded(&valid.key));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use foldhash::fast::RandomState;
 use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ type Limiter<C> = Governor<NotKeyed, InMemoryState, C, StateInformationMiddlewar
 
 struct Bucket<C: Clock> {
     spec: RateSpec,
-    limiter: Arc<Limiter<C>>,
+    limiter: Limiter<C>,
     last_used: C::Instant,
 }
 
@@ -69,12 +69,19 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         self.buckets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn limiter(&self, key: &KeyId, spec: &RateSpec) -> Result<Arc<Limiter<C>>> {
+    /// Runs `check` on the key's bucket (made for `spec` when the key has
+    /// none, or one for another spec), under the map's lock.
+    fn with_limiter<T>(
+        &self,
+        key: &KeyId,
+        spec: &RateSpec,
+        check: impl FnOnce(&Limiter<C>) -> T,
+    ) -> Result<T> {
         let now = self.clock.now();
         let mut buckets = self.lock();
         if let Some(bucket) = buckets.get_mut(key).filter(|b| b.spec == *spec) {
             bucket.last_used = now;
-            return Ok(bucket.limiter.clone());
+            return Ok(check(&bucket.limiter));
         }
         if buckets.len() >= self.max_keys {
             // A bucket unused for its whole refill time is full: dropping it
@@ -97,43 +104,28 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         let quota = Quota::with_period(spec.emission_interval())
             .ok_or_else(|| Error::invalid_input("rate_limit", "too high for its window"))?
             .allow_burst(burst);
-        let limiter = Arc::new(
-            Governor::direct_with_clock(quota, self.clock.clone())
-                .with_middleware::<StateInformationMiddleware>(),
-        );
+        let limiter = Governor::direct_with_clock(quota, self.clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        let answer = check(&limiter);
         buckets.insert(
             *key,
             Bucket {
                 spec: *spec,
-                limiter: limiter.clone(),
+                limiter,
                 last_used: now,
             },
         );
-        Ok(limiter)
+        Ok(answer)
     }
-}
 
-fn refill_time(spec: &RateSpec) -> Duration {
-    spec.emission_interval()
-        .saturating_mul(u32::try_from(spec.burst).unwrap_or(u32::MAX))
-}
-
-fn secs_ceil(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-#[async_trait]
-impl<C> RateLimiter for LocalRateLimiter<C>
-where
-    C: Clock + Clone + Send + Sync + 'static,
-    C::Instant: Send + Sync,
-{
-    async fn check(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
-        let limiter = self.limiter(key, spec)?;
+    /// [`RateLimiter::check`] without the future: the local limiter never
+    /// waits, so the engine calls this directly.
+    pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
         let n =
             NonZeroU32::new(u32::try_from(cost.max(1)).unwrap_or(u32::MAX)).expect("at least 1");
+        let decision = self.with_limiter(key, spec, |limiter| limiter.check_n(n))?;
         let interval = spec.emission_interval();
-        match limiter.check_n(n) {
+        match decision {
             Ok(Ok(snapshot)) => {
                 let remaining = u64::from(snapshot.remaining_burst_capacity());
                 let missing =
@@ -165,6 +157,26 @@ where
                 retry_after_secs: Some(secs_ceil(spec.window).max(1)),
             }),
         }
+    }
+}
+
+fn refill_time(spec: &RateSpec) -> Duration {
+    spec.emission_interval()
+        .saturating_mul(u32::try_from(spec.burst).unwrap_or(u32::MAX))
+}
+
+fn secs_ceil(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[async_trait]
+impl<C> RateLimiter for LocalRateLimiter<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    async fn check(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
+        self.check_now(key, spec, cost)
     }
 }
 

@@ -118,6 +118,26 @@ impl QuotaSpec {
         (quota.daily.is_some() || quota.monthly.is_some()).then_some(quota)
     }
 
+    /// The counting windows at `now`, written into `buf` without allocating:
+    /// the daily window first, then the monthly one.
+    pub fn windows_in<'a>(
+        &self,
+        now: DateTime<Utc>,
+        buf: &'a mut [QuotaWindow; 2],
+    ) -> &'a [QuotaWindow] {
+        let mut n = 0;
+        for (period, limit) in [
+            (UsagePeriod::Day, self.daily),
+            (UsagePeriod::Month, self.monthly),
+        ] {
+            if let Some(limit) = limit {
+                buf[n] = QuotaWindow::containing(period, now, limit);
+                n += 1;
+            }
+        }
+        &buf[..n]
+    }
+
     /// The counting windows at `now`: each period's start, end and limit.
     pub fn windows(&self, now: DateTime<Utc>) -> Vec<QuotaWindow> {
         let mut windows = Vec::with_capacity(2);
@@ -249,6 +269,25 @@ pub trait QuotaCounter: Send + Sync + fmt::Debug + 'static {
     ) -> Result<QuotaDecision>;
 }
 
+/// [`StoreQuotaCounter::consume`], for callers that hold the store.
+pub(crate) async fn consume_in_store(
+    store: &dyn Store,
+    key: &KeyId,
+    spec: &QuotaSpec,
+    cost: u64,
+    now: DateTime<Utc>,
+) -> Result<QuotaDecision> {
+    let unused = QuotaWindow {
+        period: UsagePeriod::Day,
+        start: now,
+        end: now,
+        limit: 0,
+    };
+    let mut buf = [unused; 2];
+    let windows = spec.windows_in(now, &mut buf);
+    store.consume_quota(key, windows, cost).await
+}
+
 /// Quota counts kept in the store: exact across nodes sharing one database,
 /// and a count that was acknowledged is never lost (it is committed before
 /// the validation answers).
@@ -273,8 +312,7 @@ impl QuotaCounter for StoreQuotaCounter {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaDecision> {
-        let windows = spec.windows(now);
-        self.store.consume_quota(key, &windows, cost).await
+        consume_in_store(&*self.store, key, spec, cost, now).await
     }
 }
 

@@ -1333,6 +1333,21 @@ pub async fn quotas_count_exactly_and_refuse_whole(store: &dyn Store) {
     );
     // No windows, nothing to count.
     assert!(store.consume_quota(&key, &[], 1).await.unwrap().allowed);
+    // A request from just before midnight that arrives after the next day
+    // began counts in its own day; the new day keeps its count.
+    let late = KeyId::new();
+    let roomy = |now: DateTime<Utc>| [QuotaWindow::containing(UsagePeriod::Day, now, 10)];
+    store.consume_quota(&late, &roomy(at(0)), 1).await.unwrap();
+    store.consume_quota(&late, &roomy(at(1)), 4).await.unwrap();
+    let d = store.consume_quota(&late, &roomy(at(0)), 1).await.unwrap();
+    assert_eq!(used(&d), [2]);
+    let d = store.consume_quota(&late, &roomy(at(1)), 1).await.unwrap();
+    assert_eq!(used(&d), [5]);
+    // A cost of zero reads the counts.
+    assert_eq!(
+        used(&store.consume_quota(&late, &roomy(at(1)), 0).await.unwrap()),
+        [5]
+    );
 }
 
 pub async fn usage_retention_purges_oldest_first(store: &dyn Store) {

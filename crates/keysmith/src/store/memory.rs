@@ -41,7 +41,9 @@ struct State {
     usage: Vec<UsageRecord>,
     usage_ids: std::collections::HashSet<UsageId, RandomState>,
     aggregates: std::collections::BTreeMap<(KeyId, UsagePeriod, DateTime<Utc>), UsageAggregate>,
-    quota_counts: Map<(KeyId, UsagePeriod, DateTime<Utc>), u64>,
+    /// Per key: (period, window start, count), the two latest windows of
+    /// each period (a request from just before a boundary may arrive late).
+    quota_counts: Map<KeyId, Vec<(UsagePeriod, DateTime<Utc>, u64)>>,
     /// When each key was last claimed by the rotation-due sweep (cleared by a
     /// rotation).
     rotation_claims: Map<KeyId, DateTime<Utc>>,
@@ -634,22 +636,49 @@ impl Store for MemoryStore {
         cost: u64,
     ) -> Result<QuotaDecision> {
         let mut state = self.write();
-        let slot = |w: &QuotaWindow| (*key_id, w.period, w.start);
-        let mut counts: Vec<u64> = windows
-            .iter()
-            .map(|w| state.quota_counts.get(&slot(w)).copied().unwrap_or(0))
-            .collect();
+        let slots = state.quota_counts.entry(*key_id).or_default();
+        let find = |slots: &[(UsagePeriod, DateTime<Utc>, u64)], w: &QuotaWindow| {
+            slots.iter().position(|s| s.0 == w.period && s.1 == w.start)
+        };
+        // Policies set at most a daily and a monthly quota: no allocation.
+        let mut small = [0u64; 4];
+        let mut large = Vec::new();
+        let counts: &mut [u64] = if windows.len() <= small.len() {
+            &mut small[..windows.len()]
+        } else {
+            large.resize(windows.len(), 0);
+            &mut large
+        };
+        for (w, count) in windows.iter().zip(counts.iter_mut()) {
+            *count = find(slots, w).map_or(0, |i| slots[i].2);
+        }
         let fits = windows
             .iter()
-            .zip(&counts)
+            .zip(counts.iter())
             .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
-        if fits {
+        if fits && cost > 0 {
             for (w, count) in windows.iter().zip(counts.iter_mut()) {
                 *count += cost;
-                state.quota_counts.insert(slot(w), *count);
+                match find(slots, w) {
+                    Some(i) => slots[i].2 = *count,
+                    None => {
+                        slots.push((w.period, w.start, *count));
+                        // Keep the two latest windows of the period.
+                        while slots.iter().filter(|s| s.0 == w.period).count() > 2 {
+                            let oldest = slots
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| s.0 == w.period)
+                                .min_by_key(|(_, s)| s.1)
+                                .map(|(i, _)| i)
+                                .expect("a slot of the period");
+                            slots.swap_remove(oldest);
+                        }
+                    }
+                }
             }
         }
-        Ok(QuotaDecision::from_counts(windows, &counts, fits))
+        Ok(QuotaDecision::from_counts(windows, counts, fits))
     }
 
     async fn usage_between(
