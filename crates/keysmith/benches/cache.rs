@@ -5,6 +5,8 @@
 
 #![allow(missing_docs)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -13,30 +15,13 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use keysmith::cache::CacheOptions;
 use keysmith::{CreateKey, Engine, RequestContext, SecretHash, SqliteStore, Tenant};
-
-/// Keys (override with `KEYSMITH_BENCH_KEYS`).
-fn key_count() -> usize {
-    std::env::var("KEYSMITH_BENCH_KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+use support::{key_count, now};
 
 /// Resident memory of this process, in bytes (Linux).
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
-}
-
-/// Polls a future that never waits (a cache hit does no I/O) to its end.
-fn now<F: std::future::Future>(future: F) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => panic!("a cache hit never waits"),
-    }
 }
 
 fn bench(c: &mut Criterion) {

@@ -3,20 +3,15 @@
 
 #![allow(missing_docs)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keysmith::{CreateKey, Engine, MemoryStore, PolicySpec, RequestContext, SecretHash, Tenant};
-
-/// Keys in the store (override with `KEYSMITH_BENCH_KEYS`, e.g. for profiling).
-fn key_count() -> usize {
-    std::env::var("KEYSMITH_BENCH_KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
+use support::{key_count, now};
 
 fn setup(rt: &tokio::runtime::Runtime) -> (Engine, Vec<String>, Vec<String>) {
     rt.block_on(async {
@@ -67,17 +62,6 @@ fn setup(rt: &tokio::runtime::Runtime) -> (Engine, Vec<String>, Vec<String>) {
         engine.flush_last_used().await.unwrap();
         (engine, plain, fenced)
     })
-}
-
-/// Polls a future that never waits (the memory store does no I/O) to its end,
-/// so the figures are validation's cost and not an executor's.
-fn now<F: std::future::Future>(future: F) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => panic!("the memory store never waits"),
-    }
 }
 
 fn bench(c: &mut Criterion) {

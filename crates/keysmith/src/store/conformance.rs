@@ -2005,7 +2005,16 @@ impl Hook for Recorder {
     }
 }
 
-pub async fn engine_hooks_run_in_order_and_never_fail_the_operation(store: Arc<dyn Store>) {
+/// An engine on a manual clock whose hooks are, in order: a recorder that
+/// fails (`a`), one that does not (`b`), and an audit hook into a memory sink.
+type Recorded = (
+    Engine,
+    Arc<Mutex<Vec<String>>>,
+    Arc<MemoryAuditSink>,
+    Arc<ManualClock>,
+);
+
+fn recorded_engine(store: Arc<dyn Store>) -> Recorded {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::new(MemoryAuditSink::default());
     let clock = Arc::new(ManualClock::new(t0()));
@@ -2025,6 +2034,11 @@ pub async fn engine_hooks_run_in_order_and_never_fail_the_operation(store: Arc<d
             AuditHook::new(sink.clone()).with_clock(clock.clone()),
         ))
         .build();
+    (engine, log, sink, clock)
+}
+
+pub async fn engine_hooks_run_in_order_and_never_fail_the_operation(store: Arc<dyn Store>) {
+    let (engine, log, sink, _clock) = recorded_engine(store);
     let tenant = tenant();
     let policy = engine
         .create_policy(&tenant, policy_spec("p"))
@@ -3176,25 +3190,7 @@ pub async fn list_keys_search_name_or_hint(store: &dyn Store) {
 }
 
 pub async fn engine_rotation_due_fires_once_per_period(store: Arc<dyn Store>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::new(MemoryAuditSink::default());
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = Engine::builder(store)
-        .clock(clock.clone())
-        .hook(Arc::new(Recorder {
-            label: "a",
-            fail: true,
-            log: log.clone(),
-        }))
-        .hook(Arc::new(Recorder {
-            label: "b",
-            fail: false,
-            log: log.clone(),
-        }))
-        .hook(Arc::new(
-            AuditHook::new(sink.clone()).with_clock(clock.clone()),
-        ))
-        .build();
+    let (engine, log, sink, clock) = recorded_engine(store);
     let tenant = tenant();
     let policy = engine
         .create_policy(&tenant, rotation_policy("monthly", 30))
