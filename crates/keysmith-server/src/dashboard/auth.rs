@@ -50,13 +50,7 @@ pub async fn sign_in(State(state): State<DashState>, request: Request) -> Respon
         Ok(fields) => fields,
         Err(e) => return e.into_response(),
     };
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.trim())
-            .unwrap_or("")
-    };
+    let get = |name: &str| session::field_value(&fields, name);
     let expected = session::cookie(&headers, LOGIN_COOKIE).unwrap_or("");
     if expected.is_empty() || !session::tokens_match(get("csrf"), expected) {
         return PageError::Csrf.into_response();

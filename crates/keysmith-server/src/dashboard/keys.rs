@@ -12,9 +12,11 @@ use keysmith::{
 use maud::{Markup, html};
 
 use super::charts::{self, Counts, Latency};
-use super::session::Form;
+use super::session::{Form, field_value};
 use super::views::{self, Errors, Nav};
-use super::{DashState, PageError, Session, form_errors, parse_id};
+use super::{
+    DashState, PageError, Session, metadata_field, metadata_text, optional, parse_id, submit,
+};
 use crate::root::scopes::{KEYS_READ, KEYS_WRITE, POLICIES_READ, USAGE_READ};
 
 /// Keys per page of the list.
@@ -23,14 +25,6 @@ pub const PER_PAGE: u64 = 25;
 fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
     raw.and_then(|q| serde_urlencoded::from_str(q).ok())
         .unwrap_or_default()
-}
-
-fn pick<'a>(pairs: &'a [(String, String)], name: &str) -> &'a str {
-    pairs
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.trim())
-        .unwrap_or("")
 }
 
 /// The tenant's policies as select options (empty when the root key may not
@@ -71,12 +65,12 @@ pub async fn list(
     session.require(KEYS_READ)?;
     let pairs = query_pairs(query.as_deref());
     let (state_q, env_q, policy_q, search) = (
-        pick(&pairs, "state"),
-        pick(&pairs, "environment"),
-        pick(&pairs, "policy"),
-        pick(&pairs, "q"),
+        field_value(&pairs, "state"),
+        field_value(&pairs, "environment"),
+        field_value(&pairs, "policy"),
+        field_value(&pairs, "q"),
     );
-    let page_no: u64 = pick(&pairs, "page")
+    let page_no: u64 = field_value(&pairs, "page")
         .parse()
         .unwrap_or(1)
         .clamp(1, 1_000_000);
@@ -209,9 +203,43 @@ async fn find_keys(
     Ok((page.items, page.total))
 }
 
-async fn load_key(state: &DashState, session: &Session, id: &str) -> Result<ApiKey, PageError> {
+/// Loads the key at a path id for a root key that carries `scope`. The scope
+/// is checked before the id is looked up, so a root key without it learns
+/// nothing about which keys exist.
+async fn load_key(
+    state: &DashState,
+    session: &Session,
+    id: &str,
+    scope: &str,
+) -> Result<ApiKey, PageError> {
+    session.require(scope)?;
     let id: KeyId = parse_id(id)?;
     Ok(state.engine.get_key(&session.tenant, &id).await?)
+}
+
+/// Back to the key's page, where a change that worked shows.
+fn to_key(id: &KeyId) -> Response {
+    Redirect::to(&format!("/dashboard/keys/{id}")).into_response()
+}
+
+/// The end of an action taken from a key's page (a state change, scopes):
+/// back to the page when it worked, else the page again under `status` with
+/// why not, and what was typed into the add-scopes field kept.
+async fn back_to_key<T>(
+    state: &DashState,
+    session: &Session,
+    key: ApiKey,
+    outcome: Result<T, Errors>,
+    scopes_value: &str,
+    status: StatusCode,
+) -> Result<Response, PageError> {
+    match outcome {
+        Ok(_) => Ok(to_key(&key.id)),
+        Err(errors) => {
+            let page = detail_page(state, session, key, &errors, scopes_value).await?;
+            Ok((status, page).into_response())
+        }
+    }
 }
 
 /// `GET /dashboard/keys/{id}`.
@@ -220,8 +248,7 @@ pub async fn detail(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    session.require(KEYS_READ)?;
-    let key = load_key(&state, &session, &id).await?;
+    let key = load_key(&state, &session, &id, KEYS_READ).await?;
     Ok(detail_page(&state, &session, key, &Errors::new(), "")
         .await?
         .into_response())
@@ -474,29 +501,20 @@ fn check_fields(fields: &KeyFields, now: DateTime<Utc>, errors: &mut Errors) -> 
     if fields.name.is_empty() {
         errors.insert("name", "Give the key a name.".into());
     }
-    let environment = match fields.environment.as_str() {
-        "" => None,
-        e => match e.parse() {
-            Ok(e) => Some(e),
-            Err(_) => {
-                errors.insert(
-                    "environment",
-                    "live, test, staging or 1–16 characters of a–z and 0–9.".into(),
-                );
-                None
-            }
-        },
-    };
-    let policy_id = match fields.policy_id.as_str() {
-        "" => None,
-        p => match p.parse() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                errors.insert("policy_id", "No such policy.".into());
-                None
-            }
-        },
-    };
+    let environment = optional(
+        errors,
+        "environment",
+        &fields.environment,
+        "live, test, staging or 1–16 characters of a–z and 0–9.",
+        |e| e.parse().ok(),
+    );
+    let policy_id = optional(
+        errors,
+        "policy_id",
+        &fields.policy_id,
+        "No such policy.",
+        |p| p.parse().ok(),
+    );
     let expires_at = match fields.expires_at.as_str() {
         "" => None,
         t => match parse_time(t) {
@@ -514,19 +532,11 @@ fn check_fields(fields: &KeyFields, now: DateTime<Utc>, errors: &mut Errors) -> 
             }
         },
     };
-    let metadata = match fields.metadata.as_str() {
-        "" => Metadata::new(),
-        m => match serde_json::from_str::<serde_json::Value>(m) {
-            Ok(serde_json::Value::Object(map)) => map,
-            _ => {
-                errors.insert(
-                    "metadata",
-                    "Must be a JSON object, like {\"team\": \"billing\"}.".into(),
-                );
-                Metadata::new()
-            }
-        },
-    };
+    let metadata = metadata_field(
+        errors,
+        &fields.metadata,
+        "Must be a JSON object, like {\"team\": \"billing\"}.",
+    );
     Checked {
         environment,
         policy_id,
@@ -535,36 +545,45 @@ fn check_fields(fields: &KeyFields, now: DateTime<Utc>, errors: &mut Errors) -> 
     }
 }
 
+/// The create form, or with `editing` the edit form of that key: the title,
+/// where it posts and where Cancel leads follow from which it is, so the GET
+/// and the POST that shows it again cannot drift apart.
 async fn key_form(
     state: &DashState,
     session: &Session,
-    title: &str,
-    action: &str,
+    editing: Option<&ApiKey>,
     fields: &KeyFields,
     errors: &Errors,
-    editing: bool,
 ) -> Result<Html<String>, PageError> {
-    let policies = policy_options(state, session, "no policy").await?;
-    let body = html! {
-        form.card method="post" action=(action) novalidate {
-            (views::csrf(session))
-            (views::form_error(errors))
-            (views::field("name", "Name", "text", &fields.name, "", errors))
-            (views::field("description", "Description", "text", &fields.description, "optional", errors))
-            @if !editing {
-                (views::field("environment", "Environment", "text", &fields.environment, "live (default), test, staging or a custom name", errors))
-                (views::field("scopes", "Scopes", "text", &fields.scopes, "comma-separated, e.g. read, write:builds", errors))
-            }
-            (views::select("policy_id", "Policy", &policies, &fields.policy_id, errors))
-            (views::field("expires_at", "Expires at (UTC)", "text", &fields.expires_at, "optional, e.g. 2030-01-31 18:00; capped by the policy's maximum lifetime", errors))
-            (views::textarea("metadata", "Metadata (JSON object)", &fields.metadata, "optional", errors))
-            div.actions {
-                button type="submit" { @if editing { "Save" } @else { "Create key" } }
-                a.button.secondary href=(if editing { action.trim_end_matches("/edit") } else { "/dashboard/keys" }) { "Cancel" }
-            }
-        }
+    let (title, action, cancel) = match editing {
+        Some(key) => (
+            format!("Edit {}", key.name),
+            format!("/dashboard/keys/{}/edit", key.id),
+            format!("/dashboard/keys/{}", key.id),
+        ),
+        None => (
+            "Create a key".to_owned(),
+            "/dashboard/keys/new".to_owned(),
+            "/dashboard/keys".to_owned(),
+        ),
     };
-    Ok(views::page(session, Nav::Keys, title, body))
+    let policies = policy_options(state, session, "no policy").await?;
+    let inputs = html! {
+        (views::field("name", "Name", "text", &fields.name, "", errors))
+        (views::field("description", "Description", "text", &fields.description, "optional", errors))
+        @if editing.is_none() {
+            (views::field("environment", "Environment", "text", &fields.environment, "live (default), test, staging or a custom name", errors))
+            (views::field("scopes", "Scopes", "text", &fields.scopes, "comma-separated, e.g. read, write:builds", errors))
+        }
+        (views::select("policy_id", "Policy", &policies, &fields.policy_id, errors))
+        (views::field("expires_at", "Expires at (UTC)", "text", &fields.expires_at, "optional, e.g. 2030-01-31 18:00; capped by the policy's maximum lifetime", errors))
+        (views::textarea("metadata", "Metadata (JSON object)", &fields.metadata, "optional", errors))
+    };
+    let submit = html! {
+        button type="submit" { @if editing.is_some() { "Save" } @else { "Create key" } }
+    };
+    let body = views::form_card(session, &action, errors, inputs, submit, Some(&cancel));
+    Ok(views::page(session, Nav::Keys, &title, body))
 }
 
 /// `GET /dashboard/keys/new`.
@@ -577,16 +596,7 @@ pub async fn new_form(
         environment: "live".into(),
         ..KeyFields::default()
     };
-    key_form(
-        &state,
-        &session,
-        "Create a key",
-        "/dashboard/keys/new",
-        &fields,
-        &Errors::new(),
-        false,
-    )
-    .await
+    key_form(&state, &session, None, &fields, &Errors::new()).await
 }
 
 /// The one page that shows a raw key: right after create or rotate, never
@@ -624,41 +634,30 @@ pub async fn create(State(state): State<DashState>, form: Form) -> Result<Respon
     let now = state.engine.clock().now();
     let mut errors = Errors::new();
     let checked = check_fields(&fields, now, &mut errors);
-    if errors.is_empty() {
-        let request = CreateKey {
-            name: fields.name.clone(),
-            description: (!fields.description.is_empty()).then(|| fields.description.clone()),
-            environment: checked.environment,
-            scopes: split_list(&fields.scopes),
-            policy_id: checked.policy_id,
-            expires_at: checked.expires_at,
-            metadata: checked.metadata,
-            created_by: Some(session.key_id.to_string()),
-            ..CreateKey::default()
-        };
-        match state.engine.create_key(&session.tenant, request).await {
-            Ok(created) => {
-                return Ok(reveal(
-                    session,
-                    &created.key,
-                    created.raw_key.expose_secret(),
-                    html! {},
-                ));
-            }
-            Err(error) => errors = form_errors(error, KEY_FIELDS)?,
+    let request = CreateKey {
+        name: fields.name.clone(),
+        description: (!fields.description.is_empty()).then(|| fields.description.clone()),
+        environment: checked.environment,
+        scopes: split_list(&fields.scopes),
+        policy_id: checked.policy_id,
+        expires_at: checked.expires_at,
+        metadata: checked.metadata,
+        created_by: Some(session.key_id.to_string()),
+        ..CreateKey::default()
+    };
+    let created = state.engine.create_key(&session.tenant, request);
+    match submit(errors, KEY_FIELDS, created).await? {
+        Ok(created) => Ok(reveal(
+            session,
+            &created.key,
+            created.raw_key.expose_secret(),
+            html! {},
+        )),
+        Err(errors) => {
+            let page = key_form(&state, session, None, &fields, &errors).await?;
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
     }
-    let page = key_form(
-        &state,
-        session,
-        "Create a key",
-        "/dashboard/keys/new",
-        &fields,
-        &errors,
-        false,
-    )
-    .await?;
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
 }
 
 fn edit_fields(key: &ApiKey) -> KeyFields {
@@ -674,11 +673,7 @@ fn edit_fields(key: &ApiKey) -> KeyFields {
             .expires_at
             .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
             .unwrap_or_default(),
-        metadata: if key.metadata.is_empty() {
-            String::new()
-        } else {
-            serde_json::Value::Object(key.metadata.clone()).to_string()
-        },
+        metadata: metadata_text(&key.metadata),
         ..KeyFields::default()
     }
 }
@@ -689,16 +684,13 @@ pub async fn edit_form(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Html<String>, PageError> {
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, &session, &id).await?;
+    let key = load_key(&state, &session, &id, KEYS_WRITE).await?;
     key_form(
         &state,
         &session,
-        &format!("Edit {}", key.name),
-        &format!("/dashboard/keys/{}/edit", key.id),
+        Some(&key),
         &edit_fields(&key),
         &Errors::new(),
-        true,
     )
     .await
 }
@@ -710,42 +702,26 @@ pub async fn edit(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, session, &id).await?;
+    let key = load_key(&state, session, &id, KEYS_WRITE).await?;
     let fields = KeyFields::from_form(&form);
     let now = state.engine.clock().now();
     let mut errors = Errors::new();
     let checked = check_fields(&fields, now, &mut errors);
-    if errors.is_empty() {
-        let update = KeyUpdate {
-            name: Some(fields.name.clone()),
-            description: Some((!fields.description.is_empty()).then(|| fields.description.clone())),
-            metadata: Some(checked.metadata),
-            policy_id: Some(checked.policy_id),
-            expires_at: Some(checked.expires_at),
-        };
-        match state
-            .engine
-            .update_key(&session.tenant, &key.id, update)
-            .await
-        {
-            Ok(key) => {
-                return Ok(Redirect::to(&format!("/dashboard/keys/{}", key.id)).into_response());
-            }
-            Err(error) => errors = form_errors(error, KEY_FIELDS)?,
+    let update = KeyUpdate {
+        name: Some(fields.name.clone()),
+        description: Some((!fields.description.is_empty()).then(|| fields.description.clone())),
+        metadata: Some(checked.metadata),
+        policy_id: Some(checked.policy_id),
+        expires_at: Some(checked.expires_at),
+    };
+    let updated = state.engine.update_key(&session.tenant, &key.id, update);
+    match submit(errors, KEY_FIELDS, updated).await? {
+        Ok(updated) => Ok(to_key(&updated.id)),
+        Err(errors) => {
+            let page = key_form(&state, session, Some(&key), &fields, &errors).await?;
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
     }
-    let page = key_form(
-        &state,
-        session,
-        &format!("Edit {}", key.name),
-        &format!("/dashboard/keys/{}/edit", key.id),
-        &fields,
-        &errors,
-        true,
-    )
-    .await?;
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
 }
 
 fn rotate_page(
@@ -759,18 +735,20 @@ fn rotate_page(
         .iter()
         .map(|r| (r.to_string(), r.to_string()))
         .collect();
+    let inputs = html! {
+        (views::select("reason", "Reason", &reasons, reason, errors))
+        (views::field("grace_period", "Grace period", "text", grace, "e.g. 1h, 24h, 7d, or 0 to stop the old secret now; empty: the policy's, else 24h (a compromise: none)", errors))
+    };
     let body = html! {
         p { "A new secret replaces the current one. The old secret keeps working during the grace period, so clients can switch over." }
-        form.card method="post" action={ "/dashboard/keys/" (key.id) "/rotate" } novalidate {
-            (views::csrf(session))
-            (views::form_error(errors))
-            (views::select("reason", "Reason", &reasons, reason, errors))
-            (views::field("grace_period", "Grace period", "text", grace, "e.g. 1h, 24h, 7d, or 0 to stop the old secret now; empty: the policy's, else 24h (a compromise: none)", errors))
-            div.actions {
-                button type="submit" { "Rotate" }
-                a.button.secondary href={ "/dashboard/keys/" (key.id) } { "Cancel" }
-            }
-        }
+        (views::form_card(
+            session,
+            &format!("/dashboard/keys/{}/rotate", key.id),
+            errors,
+            inputs,
+            html! { button type="submit" { "Rotate" } },
+            Some(&format!("/dashboard/keys/{}", key.id)),
+        ))
     };
     views::page(session, Nav::Keys, &format!("Rotate {}", key.name), body)
 }
@@ -781,8 +759,7 @@ pub async fn rotate_form(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Html<String>, PageError> {
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, &session, &id).await?;
+    let key = load_key(&state, &session, &id, KEYS_WRITE).await?;
     Ok(rotate_page(&session, &key, "", "manual", &Errors::new()))
 }
 
@@ -793,8 +770,7 @@ pub async fn rotate(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, session, &id).await?;
+    let key = load_key(&state, session, &id, KEYS_WRITE).await?;
     let (grace, reason) = (form.get("grace_period"), form.get("reason"));
     let mut errors = Errors::new();
     let reason_parsed = match reason {
@@ -804,76 +780,66 @@ pub async fn rotate(
             RotationReason::Manual
         }),
     };
-    let grace_period = match grace {
-        "" => None,
-        g => match keysmith::duration::parse("grace_period", g) {
-            Ok(d) => Some(d),
-            Err(_) => {
-                errors.insert(
-                    "grace_period",
-                    "Use a duration like 90s, 15m, 24h or 7d.".into(),
-                );
-                None
-            }
-        },
+    let grace_period = optional(
+        &mut errors,
+        "grace_period",
+        grace,
+        "Use a duration like 90s, 15m, 24h or 7d.",
+        |g| keysmith::duration::parse("grace_period", g).ok(),
+    );
+    let request = RotateKey {
+        reason: reason_parsed,
+        grace_period,
+        rotated_by: Some(session.key_id.to_string()),
     };
-    if errors.is_empty() {
-        let request = RotateKey {
-            reason: reason_parsed,
-            grace_period,
-            rotated_by: Some(session.key_id.to_string()),
-        };
-        match state
-            .engine
-            .rotate_key(&session.tenant, &key.id, request)
-            .await
-        {
-            Ok(rotated) => {
-                let note = html! {
-                    p {
-                        "The previous secret keeps working until "
-                        strong { (views::when(rotated.rotation.grace_ends)) } "."
-                    }
-                };
-                return Ok(reveal(
-                    session,
-                    &rotated.key,
-                    rotated.raw_key.expose_secret(),
-                    note,
-                ));
-            }
-            Err(error) => errors = form_errors(error, &["reason", "grace_period"])?,
+    let rotated = state.engine.rotate_key(&session.tenant, &key.id, request);
+    match submit(errors, &["reason", "grace_period"], rotated).await? {
+        Ok(rotated) => {
+            let note = html! {
+                p {
+                    "The previous secret keeps working until "
+                    strong { (views::when(rotated.rotation.grace_ends)) } "."
+                }
+            };
+            Ok(reveal(
+                session,
+                &rotated.key,
+                rotated.raw_key.expose_secret(),
+                note,
+            ))
         }
+        Err(errors) => Ok((
+            StatusCode::BAD_REQUEST,
+            rotate_page(session, &key, grace, reason, &errors),
+        )
+            .into_response()),
     }
-    Ok((
-        StatusCode::BAD_REQUEST,
-        rotate_page(session, &key, grace, reason, &errors),
-    )
-        .into_response())
 }
 
 fn revoke_page(session: &Session, key: &ApiKey, reason: &str, errors: &Errors) -> Html<String> {
+    let inputs = html! {
+        (views::field("reason", "Reason", "text", reason, "kept in the audit trail, e.g. leaked, retired", errors))
+        div.field.check.invalid[errors.contains_key("confirm")] {
+            label {
+                input type="checkbox" name="confirm" value="yes";
+                " Yes, revoke " strong { (key.name) } " for good"
+            }
+            @if let Some(e) = errors.get("confirm") { p.field-error role="alert" { (e) } }
+        }
+    };
     let body = html! {
         div.banner.bad {
             strong { "Revoking is final. " }
             "The key and any secret still in its grace period stop working at once, and it cannot be reactivated."
         }
-        form.card method="post" action={ "/dashboard/keys/" (key.id) "/revoke" } novalidate {
-            (views::csrf(session))
-            (views::form_error(errors))
-            (views::field("reason", "Reason", "text", reason, "kept in the audit trail, e.g. leaked, retired", errors))
-            div.field.check.invalid[errors.contains_key("confirm")] {
-                label {
-                    input type="checkbox" name="confirm" value="yes";
-                    " Yes, revoke " strong { (key.name) } " for good"
-                }
-                @if let Some(e) = errors.get("confirm") { p.field-error role="alert" { (e) } }
-            }
-            div.actions {
-                button.danger type="submit" { "Revoke" }
-                a.button.secondary href={ "/dashboard/keys/" (key.id) } { "Cancel" }
-            }
-        }
+        (views::form_card(
+            session,
+            &format!("/dashboard/keys/{}/revoke", key.id),
+            errors,
+            inputs,
+            html! { button.danger type="submit" { "Revoke" } },
+            Some(&format!("/dashboard/keys/{}", key.id)),
+        ))
     };
     views::page(session, Nav::Keys, &format!("Revoke {}", key.name), body)
 }
@@ -884,8 +850,7 @@ pub async fn revoke_form(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Html<String>, PageError> {
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, &session, &id).await?;
+    let key = load_key(&state, &session, &id, KEYS_WRITE).await?;
     Ok(revoke_page(&session, &key, "", &Errors::new()))
 }
 
@@ -896,8 +861,7 @@ pub async fn revoke(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, session, &id).await?;
+    let key = load_key(&state, session, &id, KEYS_WRITE).await?;
     let reason = form.get("reason");
     let mut errors = Errors::new();
     if reason.is_empty() {
@@ -908,23 +872,17 @@ pub async fn revoke(
     if form.get("confirm") != "yes" {
         errors.insert("confirm", "Tick the box to confirm.".into());
     }
-    if errors.is_empty() {
-        match state
-            .engine
-            .revoke_key(&session.tenant, &key.id, Some(reason))
-            .await
-        {
-            Ok(_) => {
-                return Ok(Redirect::to(&format!("/dashboard/keys/{}", key.id)).into_response());
-            }
-            Err(error) => errors = form_errors(error, &["reason"])?,
-        }
+    let revoked = state
+        .engine
+        .revoke_key(&session.tenant, &key.id, Some(reason));
+    match submit(errors, &["reason"], revoked).await? {
+        Ok(_) => Ok(to_key(&key.id)),
+        Err(errors) => Ok((
+            StatusCode::BAD_REQUEST,
+            revoke_page(session, &key, reason, &errors),
+        )
+            .into_response()),
     }
-    Ok((
-        StatusCode::BAD_REQUEST,
-        revoke_page(session, &key, reason, &errors),
-    )
-        .into_response())
 }
 
 async fn state_change(
@@ -934,21 +892,16 @@ async fn state_change(
     suspend: bool,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(state, session, id).await?;
-    let result = if suspend {
-        state.engine.suspend_key(&session.tenant, &key.id).await
-    } else {
-        state.engine.reactivate_key(&session.tenant, &key.id).await
-    };
-    match result {
-        Ok(_) => Ok(Redirect::to(&format!("/dashboard/keys/{}", key.id)).into_response()),
-        Err(error) => {
-            let errors = form_errors(error, &[])?;
-            let page = detail_page(state, session, key, &errors, "").await?;
-            Ok((StatusCode::CONFLICT, page).into_response())
+    let key = load_key(state, session, id, KEYS_WRITE).await?;
+    let change = async {
+        if suspend {
+            state.engine.suspend_key(&session.tenant, &key.id).await
+        } else {
+            state.engine.reactivate_key(&session.tenant, &key.id).await
         }
-    }
+    };
+    let outcome = submit(Errors::new(), &[], change).await?;
+    back_to_key(state, session, key, outcome, "", StatusCode::CONFLICT).await
 }
 
 /// `POST /dashboard/keys/{id}/suspend`.
@@ -976,26 +929,17 @@ pub async fn add_scopes(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, session, &id).await?;
+    let key = load_key(&state, session, &id, KEYS_WRITE).await?;
     let text = form.get("scopes");
     let scopes = split_list(text);
     let errors = if scopes.is_empty() {
         Errors::from([("scopes", "Name at least one scope.".to_owned())])
     } else {
-        match state
-            .engine
-            .assign_scopes(&session.tenant, &key.id, scopes)
-            .await
-        {
-            Ok(_) => {
-                return Ok(Redirect::to(&format!("/dashboard/keys/{}", key.id)).into_response());
-            }
-            Err(error) => form_errors(error, &["scopes"])?,
-        }
+        Errors::new()
     };
-    let page = detail_page(&state, session, key, &errors, text).await?;
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
+    let assigned = state.engine.assign_scopes(&session.tenant, &key.id, scopes);
+    let outcome = submit(errors, &["scopes"], assigned).await?;
+    back_to_key(&state, session, key, outcome, text, StatusCode::BAD_REQUEST).await
 }
 
 /// `POST /dashboard/keys/{id}/scopes/remove`.
@@ -1005,22 +949,14 @@ pub async fn remove_scope(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(KEYS_WRITE)?;
-    let key = load_key(&state, session, &id).await?;
+    let key = load_key(&state, session, &id, KEYS_WRITE).await?;
     let scope = form.get("scope");
     if scope.is_empty() {
         return Err(PageError::BadRequest("No scope named.".into()));
     }
-    match state
+    let removed = state
         .engine
-        .remove_scopes(&session.tenant, &key.id, vec![scope.to_owned()])
-        .await
-    {
-        Ok(_) => Ok(Redirect::to(&format!("/dashboard/keys/{}", key.id)).into_response()),
-        Err(error) => {
-            let errors = form_errors(error, &["scopes"])?;
-            let page = detail_page(&state, session, key, &errors, "").await?;
-            Ok((StatusCode::BAD_REQUEST, page).into_response())
-        }
-    }
+        .remove_scopes(&session.tenant, &key.id, vec![scope.to_owned()]);
+    let outcome = submit(Errors::new(), &["scopes"], removed).await?;
+    back_to_key(&state, session, key, outcome, "", StatusCode::BAD_REQUEST).await
 }

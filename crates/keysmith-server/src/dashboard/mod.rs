@@ -254,3 +254,69 @@ pub fn form_errors(
     }
     Ok(errors)
 }
+
+/// Runs a form's engine call, but only once the form's own checks found
+/// nothing, and turns the engine's refusal into errors next to `fields` (see
+/// [`form_errors`]). Every form handler then only says where success leads
+/// and which page shows the errors: `Ok(Err(errors))` is the form again.
+///
+/// `action` is a future, so it does nothing unless it is run here.
+pub async fn submit<T>(
+    errors: views::Errors,
+    fields: &[&'static str],
+    action: impl Future<Output = Result<T, keysmith::Error>>,
+) -> Result<Result<T, views::Errors>, PageError> {
+    if !errors.is_empty() {
+        return Ok(Err(errors));
+    }
+    match action.await {
+        Ok(done) => Ok(Ok(done)),
+        Err(error) => form_errors(error, fields).map(Err),
+    }
+}
+
+/// Reads an optional form value: empty is `None`, and so is a value `parse`
+/// refuses, with `message` next to `field`, so that one submission reports
+/// every bad field rather than the first.
+pub fn optional<T>(
+    errors: &mut views::Errors,
+    field: &'static str,
+    text: &str,
+    message: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Option<T> {
+    if text.is_empty() {
+        return None;
+    }
+    let parsed = parse(text);
+    if parsed.is_none() {
+        errors.insert(field, message.to_owned());
+    }
+    parsed
+}
+
+/// Reads a metadata field: empty is no metadata; anything but a JSON object
+/// is `message` next to the `metadata` field.
+pub fn metadata_field(errors: &mut views::Errors, text: &str, message: &str) -> keysmith::Metadata {
+    optional(
+        errors,
+        "metadata",
+        text,
+        message,
+        |text| match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(map)) => Some(map),
+            _ => None,
+        },
+    )
+    .unwrap_or_default()
+}
+
+/// Metadata as its form field shows it: empty rather than `{}`, so that an
+/// untouched field reads as "no metadata".
+pub fn metadata_text(metadata: &keysmith::Metadata) -> String {
+    if metadata.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Object(metadata.clone()).to_string()
+    }
+}

@@ -3,12 +3,14 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use keysmith::{KeyFilter, Metadata, PageRequest, Policy, PolicyId, PolicySpec};
+use keysmith::{KeyFilter, PageRequest, Policy, PolicyId, PolicySpec};
 use maud::html;
 
 use super::session::Form;
 use super::views::{self, Errors, Nav};
-use super::{DashState, PageError, Session, form_errors, parse_id};
+use super::{
+    DashState, PageError, Session, metadata_field, metadata_text, optional, parse_id, submit,
+};
 use crate::root::scopes::{KEYS_READ, POLICIES_READ, POLICIES_WRITE};
 
 const LISTS: &[(&str, &str, &str)] = &[
@@ -115,14 +117,7 @@ fn values_of(spec: &PolicySpec) -> Values {
         ("burst_limit", opt_num(spec.burst_limit)),
         ("daily_quota", opt_num(spec.daily_quota)),
         ("monthly_quota", opt_num(spec.monthly_quota)),
-        (
-            "metadata",
-            if spec.metadata.is_empty() {
-                String::new()
-            } else {
-                serde_json::Value::Object(spec.metadata.clone()).to_string()
-            },
-        ),
+        ("metadata", metadata_text(&spec.metadata)),
     ]
 }
 
@@ -155,86 +150,82 @@ fn spec_of(form: &Form, errors: &mut Errors) -> (Values, PolicySpec) {
     spec.allowed_origins = list_entries(value(&values, "allowed_origins"));
     spec.allowed_methods = list_entries(value(&values, "allowed_methods"));
     spec.allowed_paths = list_entries(value(&values, "allowed_paths"));
-    let duration = |name: &'static str, errors: &mut Errors| match value(&values, name) {
-        "" => None,
-        text => match keysmith::duration::parse(name, text) {
-            Ok(d) => Some(d),
-            Err(_) => {
-                errors.insert(name, "Use a duration like 90s, 15m, 24h or 90d.".into());
-                None
-            }
-        },
+    let duration = |name: &'static str, errors: &mut Errors| {
+        optional(
+            errors,
+            name,
+            value(&values, name),
+            "Use a duration like 90s, 15m, 24h or 90d.",
+            |text| keysmith::duration::parse(name, text).ok(),
+        )
     };
     spec.rate_limit_window = duration("rate_limit_window", errors);
     spec.max_key_lifetime = duration("max_key_lifetime", errors);
     spec.rotation_period = duration("rotation_period", errors);
     spec.grace_period = duration("grace_period", errors);
-    let number = |name: &'static str, errors: &mut Errors| match value(&values, name) {
-        "" => None,
-        text => match text.parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                errors.insert(name, "Use a whole number (0 or more).".into());
-                None
-            }
-        },
+    let number = |name: &'static str, errors: &mut Errors| {
+        optional(
+            errors,
+            name,
+            value(&values, name),
+            "Use a whole number (0 or more).",
+            |text| text.parse::<u64>().ok(),
+        )
     };
     spec.rate_limit = number("rate_limit", errors);
     spec.burst_limit = number("burst_limit", errors);
     spec.daily_quota = number("daily_quota", errors);
     spec.monthly_quota = number("monthly_quota", errors);
-    spec.metadata = match value(&values, "metadata") {
-        "" => Metadata::new(),
-        text => match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(serde_json::Value::Object(map)) => map,
-            _ => {
-                errors.insert("metadata", "Must be a JSON object.".into());
-                Metadata::new()
-            }
-        },
-    };
+    spec.metadata = metadata_field(errors, value(&values, "metadata"), "Must be a JSON object.");
     (values, spec)
 }
 
+/// The create form, or with `editing` the edit form of that policy: the
+/// title, where it posts and where Cancel leads follow from which it is, so
+/// the GET and the POST that shows it again cannot drift apart.
 fn policy_form(
     session: &Session,
-    title: &str,
-    action: &str,
-    cancel: &str,
+    editing: Option<&Policy>,
     values: &Values,
     errors: &Errors,
 ) -> Html<String> {
-    let body = html! {
-        form.card method="post" action=(action) novalidate {
-            (views::csrf(session))
-            (views::form_error(errors))
-            (views::field("name", "Name", "text", value(values, "name"), "", errors))
-            (views::field("description", "Description", "text", value(values, "description"), "optional", errors))
-            fieldset {
-                legend { "Allowlists (empty: no restriction; one per line or comma-separated)" }
-                @for (name, label, hint) in LISTS {
-                    (views::textarea(name, label, value(values, name), hint, errors))
-                }
-            }
-            fieldset {
-                legend { "Limits" }
-                div.grid {
-                    @for (name, label, hint) in NUMBERS {
-                        (views::field(name, label, "text", value(values, name), hint, errors))
-                    }
-                    @for (name, label, hint) in DURATIONS {
-                        (views::field(name, label, "text", value(values, name), hint, errors))
-                    }
-                }
-            }
-            (views::textarea("metadata", "Metadata (JSON object)", value(values, "metadata"), "optional", errors))
-            div.actions {
-                button type="submit" { "Save policy" }
-                a.button.secondary href=(cancel) { "Cancel" }
+    let (title, action, cancel) = match editing {
+        Some(policy) => (
+            format!("Edit {}", policy.spec.name),
+            format!("/dashboard/policies/{}/edit", policy.id),
+            format!("/dashboard/policies/{}", policy.id),
+        ),
+        None => (
+            "Create a policy".to_owned(),
+            "/dashboard/policies/new".to_owned(),
+            "/dashboard/policies".to_owned(),
+        ),
+    };
+    let inputs = html! {
+        (views::field("name", "Name", "text", value(values, "name"), "", errors))
+        (views::field("description", "Description", "text", value(values, "description"), "optional", errors))
+        fieldset {
+            legend { "Allowlists (empty: no restriction; one per line or comma-separated)" }
+            @for (name, label, hint) in LISTS {
+                (views::textarea(name, label, value(values, name), hint, errors))
             }
         }
+        fieldset {
+            legend { "Limits" }
+            div.grid {
+                @for (name, label, hint) in NUMBERS {
+                    (views::field(name, label, "text", value(values, name), hint, errors))
+                }
+                @for (name, label, hint) in DURATIONS {
+                    (views::field(name, label, "text", value(values, name), hint, errors))
+                }
+            }
+        }
+        (views::textarea("metadata", "Metadata (JSON object)", value(values, "metadata"), "optional", errors))
     };
-    views::page(session, Nav::Policies, title, body)
+    let submit = html! { button type="submit" { "Save policy" } };
+    let body = views::form_card(session, &action, errors, inputs, submit, Some(&cancel));
+    views::page(session, Nav::Policies, &title, body)
 }
 
 /// `GET /dashboard/policies`.
@@ -323,7 +314,16 @@ fn allowlists(p: &Policy) -> String {
     }
 }
 
-async fn load(state: &DashState, session: &Session, id: &str) -> Result<Policy, PageError> {
+/// Loads the policy at a path id for a root key that carries `scope`. The
+/// scope is checked before the id is looked up, so a root key without it
+/// learns nothing about which policies exist.
+async fn load(
+    state: &DashState,
+    session: &Session,
+    id: &str,
+    scope: &str,
+) -> Result<Policy, PageError> {
+    session.require(scope)?;
     let id: PolicyId = parse_id(id)?;
     Ok(state.engine.get_policy(&session.tenant, &id).await?)
 }
@@ -419,8 +419,7 @@ pub async fn detail(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Html<String>, PageError> {
-    session.require(POLICIES_READ)?;
-    let policy = load(&state, &session, &id).await?;
+    let policy = load(&state, &session, &id, POLICIES_READ).await?;
     detail_page(&state, &session, &policy, None).await
 }
 
@@ -429,9 +428,7 @@ pub async fn new_form(session: Session) -> Result<Html<String>, PageError> {
     session.require(POLICIES_WRITE)?;
     Ok(policy_form(
         &session,
-        "Create a policy",
-        "/dashboard/policies/new",
-        "/dashboard/policies",
+        None,
         &values_of(&PolicySpec::default()),
         &Errors::new(),
     ))
@@ -443,23 +440,14 @@ pub async fn create(State(state): State<DashState>, form: Form) -> Result<Respon
     session.require(POLICIES_WRITE)?;
     let mut errors = Errors::new();
     let (values, spec) = spec_of(&form, &mut errors);
-    if errors.is_empty() {
-        match state.engine.create_policy(&session.tenant, spec).await {
-            Ok(p) => {
-                return Ok(Redirect::to(&format!("/dashboard/policies/{}", p.id)).into_response());
-            }
-            Err(error) => errors = form_errors(error, FIELDS)?,
+    let created = state.engine.create_policy(&session.tenant, spec);
+    match submit(errors, FIELDS, created).await? {
+        Ok(p) => Ok(Redirect::to(&format!("/dashboard/policies/{}", p.id)).into_response()),
+        Err(errors) => {
+            let page = policy_form(session, None, &values, &errors);
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
     }
-    let page = policy_form(
-        session,
-        "Create a policy",
-        "/dashboard/policies/new",
-        "/dashboard/policies",
-        &values,
-        &errors,
-    );
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
 }
 
 /// `GET /dashboard/policies/{id}/edit`.
@@ -468,14 +456,10 @@ pub async fn edit_form(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Html<String>, PageError> {
-    session.require(POLICIES_WRITE)?;
-    let policy = load(&state, &session, &id).await?;
-    let path = format!("/dashboard/policies/{}", policy.id);
+    let policy = load(&state, &session, &id, POLICIES_WRITE).await?;
     Ok(policy_form(
         &session,
-        &format!("Edit {}", policy.spec.name),
-        &format!("{path}/edit"),
-        &path,
+        Some(&policy),
         &values_of(&policy.spec),
         &Errors::new(),
     ))
@@ -488,30 +472,19 @@ pub async fn edit(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(POLICIES_WRITE)?;
-    let policy = load(&state, session, &id).await?;
-    let path = format!("/dashboard/policies/{}", policy.id);
+    let policy = load(&state, session, &id, POLICIES_WRITE).await?;
     let mut errors = Errors::new();
     let (values, spec) = spec_of(&form, &mut errors);
-    if errors.is_empty() {
-        match state
-            .engine
-            .update_policy(&session.tenant, &policy.id, spec)
-            .await
-        {
-            Ok(_) => return Ok(Redirect::to(&path).into_response()),
-            Err(error) => errors = form_errors(error, FIELDS)?,
+    let updated = state
+        .engine
+        .update_policy(&session.tenant, &policy.id, spec);
+    match submit(errors, FIELDS, updated).await? {
+        Ok(_) => Ok(Redirect::to(&format!("/dashboard/policies/{}", policy.id)).into_response()),
+        Err(errors) => {
+            let page = policy_form(session, Some(&policy), &values, &errors);
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
     }
-    let page = policy_form(
-        session,
-        &format!("Edit {}", policy.spec.name),
-        &format!("{path}/edit"),
-        &path,
-        &values,
-        &errors,
-    );
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
 }
 
 /// `POST /dashboard/policies/{id}/delete`: refused while keys use it, with
@@ -522,8 +495,7 @@ pub async fn delete(
     form: Form,
 ) -> Result<Response, PageError> {
     let session = &form.session;
-    session.require(POLICIES_WRITE)?;
-    let policy = load(&state, session, &id).await?;
+    let policy = load(&state, session, &id, POLICIES_WRITE).await?;
     match state
         .engine
         .delete_policy(&session.tenant, &policy.id)

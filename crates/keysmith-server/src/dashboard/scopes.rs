@@ -10,7 +10,7 @@ use maud::{Markup, html};
 
 use super::session::Form;
 use super::views::{self, Errors, Nav};
-use super::{DashState, PageError, Session, form_errors, parse_id};
+use super::{DashState, PageError, Session, parse_id, submit};
 use crate::root::scopes::{SCOPES_READ, SCOPES_WRITE};
 
 /// Most scopes shown.
@@ -72,6 +72,12 @@ async fn page(
         .engine
         .list_scopes(&session.tenant, None, &PageRequest::new(MAX_SCOPES, 0)?)
         .await?;
+    let inputs = html! {
+        (views::field("name", "Name", "text", values.0, "e.g. read:users:email", errors))
+        (views::field("description", "Description", "text", values.1, "optional", errors))
+        (views::field("parent", "Parent", "text", values.2, "optional; default: the name up to its last colon", errors))
+    };
+    let submit = html! { button type="submit" { "Create scope" } };
     let body = html! {
         p.muted { "A scope grants its children: " code { "read" } " grants " code { "read:users" } ". Deleting a scope takes it off every key." }
         @if scopes.items.is_empty() {
@@ -85,14 +91,7 @@ async fn page(
         @if session.may(SCOPES_WRITE) {
             section {
                 h2 { "Create a scope" }
-                form.card method="post" action="/dashboard/scopes" novalidate {
-                    (views::csrf(session))
-                    (views::form_error(errors))
-                    (views::field("name", "Name", "text", values.0, "e.g. read:users:email", errors))
-                    (views::field("description", "Description", "text", values.1, "optional", errors))
-                    (views::field("parent", "Parent", "text", values.2, "optional; default: the name up to its last colon", errors))
-                    div.actions { button type="submit" { "Create scope" } }
-                }
+                (views::form_card(session, "/dashboard/scopes", errors, inputs, submit, None))
             }
         }
     };
@@ -120,19 +119,20 @@ pub async fn create(State(state): State<DashState>, form: Form) -> Result<Respon
     let mut errors = Errors::new();
     if name.is_empty() {
         errors.insert("name", "Give the scope a name.".into());
-    } else {
-        let request = CreateScope {
-            name: name.to_owned(),
-            description: (!description.is_empty()).then(|| description.to_owned()),
-            parent: (!parent.is_empty()).then(|| parent.to_owned()),
-        };
-        match state.engine.create_scope(&session.tenant, request).await {
-            Ok(_) => return Ok(Redirect::to("/dashboard/scopes").into_response()),
-            Err(error) => errors = form_errors(error, &["name", "description", "parent"])?,
+    }
+    let request = CreateScope {
+        name: name.to_owned(),
+        description: (!description.is_empty()).then(|| description.to_owned()),
+        parent: (!parent.is_empty()).then(|| parent.to_owned()),
+    };
+    let created = state.engine.create_scope(&session.tenant, request);
+    match submit(errors, &["name", "description", "parent"], created).await? {
+        Ok(_) => Ok(Redirect::to("/dashboard/scopes").into_response()),
+        Err(errors) => {
+            let html = page(&state, session, (name, description, parent), &errors).await?;
+            Ok((StatusCode::BAD_REQUEST, html).into_response())
         }
     }
-    let html = page(&state, session, (name, description, parent), &errors).await?;
-    Ok((StatusCode::BAD_REQUEST, html).into_response())
 }
 
 /// `POST /dashboard/scopes/{id}/delete`.

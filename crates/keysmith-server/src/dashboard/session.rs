@@ -269,11 +269,7 @@ pub struct Form {
 impl Form {
     /// A field's value, trimmed; empty when absent.
     pub fn get(&self, name: &str) -> &str {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.trim())
-            .unwrap_or("")
+        field_value(&self.fields, name)
     }
 
     /// Every value of a repeated field, trimmed, empty ones skipped.
@@ -284,6 +280,16 @@ impl Form {
             .map(|(_, v)| v.trim().to_owned())
             .collect()
     }
+}
+
+/// The first value of `name` among urlencoded pairs (a form, a query),
+/// trimmed; empty when absent, which every form treats as "not given".
+pub fn field_value<'a>(pairs: &'a [(String, String)], name: &str) -> &'a str {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim())
+        .unwrap_or("")
 }
 
 /// Reads an urlencoded body (within the server's body limit).

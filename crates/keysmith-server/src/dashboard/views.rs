@@ -115,6 +115,34 @@ pub fn csrf(session: &Session) -> Markup {
 /// Field errors of a form, by field name.
 pub type Errors = HashMap<&'static str, String>;
 
+/// The frame every form control shares: the label, the error under it (tied
+/// to the control by `aria-describedby`, so screen readers read it with the
+/// control) and the hint. `control` draws the control itself from its id and
+/// the two ARIA attributes it must carry.
+fn labelled(
+    name: &'static str,
+    label: &str,
+    hint: &str,
+    errors: &Errors,
+    control: impl FnOnce(&str, Option<&str>, Option<&str>) -> Markup,
+) -> Markup {
+    let error = errors.get(name);
+    let id = format!("f-{name}");
+    let err_id = format!("e-{name}");
+    let invalid = error.map(|_| "true");
+    let described_by = error.map(|_| err_id.as_str());
+    html! {
+        div.field.invalid[error.is_some()] {
+            label for=(id) { (label) }
+            (control(&id, invalid, described_by))
+            @if let Some(error) = error {
+                p.field-error #(err_id) role="alert" { (error) }
+            }
+            @if !hint.is_empty() { p.hint { (hint) } }
+        }
+    }
+}
+
 /// One labelled input with its error under it.
 pub fn field(
     name: &'static str,
@@ -124,21 +152,12 @@ pub fn field(
     hint: &str,
     errors: &Errors,
 ) -> Markup {
-    let error = errors.get(name);
-    let id = format!("f-{name}");
-    let err_id = format!("e-{name}");
-    html! {
-        div.field.invalid[error.is_some()] {
-            label for=(id) { (label) }
+    labelled(name, label, hint, errors, |id, invalid, described_by| {
+        html! {
             input #(id) type=(kind) name=(name) value=(value)
-                aria-invalid=[error.map(|_| "true")]
-                aria-describedby=[error.map(|_| err_id.as_str())];
-            @if let Some(error) = error {
-                p.field-error #(err_id) role="alert" { (error) }
-            }
-            @if !hint.is_empty() { p.hint { (hint) } }
+                aria-invalid=[invalid] aria-describedby=[described_by];
         }
-    }
+    })
 }
 
 /// A labelled textarea with its error under it.
@@ -149,21 +168,12 @@ pub fn textarea(
     hint: &str,
     errors: &Errors,
 ) -> Markup {
-    let error = errors.get(name);
-    let id = format!("f-{name}");
-    let err_id = format!("e-{name}");
-    html! {
-        div.field.invalid[error.is_some()] {
-            label for=(id) { (label) }
+    labelled(name, label, hint, errors, |id, invalid, described_by| {
+        html! {
             textarea #(id) name=(name) rows="3"
-                aria-invalid=[error.map(|_| "true")]
-                aria-describedby=[error.map(|_| err_id.as_str())] { (value) }
-            @if let Some(error) = error {
-                p.field-error #(err_id) role="alert" { (error) }
-            }
-            @if !hint.is_empty() { p.hint { (hint) } }
+                aria-invalid=[invalid] aria-describedby=[described_by] { (value) }
         }
-    }
+    })
 }
 
 /// A labelled select with its error under it.
@@ -174,20 +184,38 @@ pub fn select(
     selected: &str,
     errors: &Errors,
 ) -> Markup {
-    let error = errors.get(name);
-    let id = format!("f-{name}");
-    let err_id = format!("e-{name}");
-    html! {
-        div.field.invalid[error.is_some()] {
-            label for=(id) { (label) }
-            select #(id) name=(name) aria-invalid=[error.map(|_| "true")]
-                aria-describedby=[error.map(|_| err_id.as_str())] {
+    labelled(name, label, "", errors, |id, invalid, described_by| {
+        html! {
+            select #(id) name=(name) aria-invalid=[invalid] aria-describedby=[described_by] {
                 @for (value, text) in options {
                     option value=(value) selected[value == selected] { (text) }
                 }
             }
-            @if let Some(error) = error {
-                p.field-error #(err_id) role="alert" { (error) }
+        }
+    })
+}
+
+/// A form card that posts to `action`: the CSRF token and the form-wide
+/// error come first on every form, then `fields`, then the `submit` button
+/// and, where there is somewhere to go back to, a Cancel link.
+pub fn form_card(
+    session: &Session,
+    action: &str,
+    errors: &Errors,
+    fields: Markup,
+    submit: Markup,
+    cancel: Option<&str>,
+) -> Markup {
+    html! {
+        form.card method="post" action=(action) novalidate {
+            (csrf(session))
+            (form_error(errors))
+            (fields)
+            div.actions {
+                (submit)
+                @if let Some(cancel) = cancel {
+                    a.button.secondary href=(cancel) { "Cancel" }
+                }
             }
         }
     }
