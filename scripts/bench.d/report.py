@@ -153,8 +153,9 @@ for store in ("sqlite", "postgres"):
 
 # ---------------------------------------------------------------- usage
 for store, target in (("sqlite", 100_000), ("postgres", 50_000)):
-    absolute_row(f"usage: {store} Store::insert_usage, 1000-record batches",
-                 f"usage_{store}/insert_usage_1000", target, "rec/s")
+    for n in (1000, 5000):
+        absolute_row(f"usage: {store} Store::insert_usage, {n}-record batches",
+                     f"usage_{store}/insert_usage/{n}", target, "rec/s")
     absolute_row(f"usage: {store} through UsageWriter, 100k records",
                  f"usage_{store}/usage_writer_100k", target, "rec/s")
 

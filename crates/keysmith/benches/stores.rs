@@ -287,6 +287,12 @@ async fn fill_postgres(store: keysmith::PostgresStore, count: usize) -> Filled {
     let pool = store.pool().clone();
     let mut filled = reference(Arc::new(store), count).await;
     let mut tx = pool.begin().await.unwrap();
+    // The store's connections carry a statement timeout meant for requests;
+    // linking a million keys to their scopes is one longer statement.
+    sqlx::raw_sql("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     for start in (1..count).step_by(CHUNK) {
         let chunk = bulk_keys(&mut filled, start, (start + CHUNK).min(count));
         let mut insert = QueryBuilder::<Postgres>::new(
@@ -330,10 +336,16 @@ async fn fill_postgres(store: keysmith::PostgresStore, count: usize) -> Filled {
     tx.commit().await.unwrap();
     // What autovacuum does shortly after a bulk load anyway, done before the
     // measurements instead of during them.
-    sqlx::raw_sql("VACUUM ANALYZE")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // Without the requests' statement timeout (a million rows take longer).
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in [
+        "SET statement_timeout = 0",
+        "VACUUM ANALYZE",
+        "RESET statement_timeout",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
     check_fill(&filled).await;
     filled
 }

@@ -1,8 +1,9 @@
 //! Usage ingest: records per second written into SQLite and PostgreSQL,
 //! two ways:
 //!
-//! - `insert_usage_1000`: straight `Store::insert_usage` of 1000-record
-//!   batches (the writer's default batch size), one after the other;
+//! - `insert_usage/<n>`: straight `Store::insert_usage` of n-record batches
+//!   one after the other: 1000 (the writer's default batch size) and 5000
+//!   (what a larger `batch_size` would give);
 //! - `usage_writer_100k`: 100 000 records queued through a fresh
 //!   [`UsageSink`] (default [`UsageWriterOptions`]: capacity 100 000, batches
 //!   of 1000) and the writer shut down, which returns once all are written —
@@ -23,13 +24,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use keysmith::model::{Metadata, UsageRecord};
 use keysmith::usage::{UsageWriter, UsageWriterOptions};
 use keysmith::{KeyId, Store, UsageId};
 use tokio::runtime::Runtime;
 
-const BATCH: usize = 1000;
+/// Batch sizes of the straight inserts: the writer's default, and larger.
+const BATCHES: [usize; 2] = [1000, 5000];
 const WRITER_RECORDS: usize = 100_000;
 /// Rows after which the table is emptied (untimed).
 const MAX_ROWS: usize = 1_000_000;
@@ -68,24 +70,27 @@ where
     let mut group = c.benchmark_group(name);
     group.sample_size(10);
 
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("insert_usage_1000", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                if rows >= MAX_ROWS {
-                    rt.block_on(clear());
-                    rows = 0;
+    for batch_size in BATCHES {
+        group.throughput(Throughput::Elements(batch_size as u64));
+        let id = BenchmarkId::new("insert_usage", batch_size);
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    if rows >= MAX_ROWS {
+                        rt.block_on(clear());
+                        rows = 0;
+                    }
+                    let batch = records(&keys, batch_size);
+                    let started = Instant::now();
+                    rt.block_on(store.insert_usage(&batch)).unwrap();
+                    spent += started.elapsed();
+                    rows += batch_size;
                 }
-                let batch = records(&keys, BATCH);
-                let started = Instant::now();
-                rt.block_on(store.insert_usage(&batch)).unwrap();
-                spent += started.elapsed();
-                rows += BATCH;
-            }
-            spent
-        })
-    });
+                spent
+            })
+        });
+    }
 
     group.throughput(Throughput::Elements(WRITER_RECORDS as u64));
     group.bench_function("usage_writer_100k", |b| {
