@@ -1028,42 +1028,35 @@ impl Store for SqliteStore {
         if records.is_empty() {
             return Ok(());
         }
-        // The batch travels as one bound JSON array of row arrays, which
-        // `json_each` turns back into rows: one statement of constant text
-        // (prepared once per connection) and one bind per chunk, instead of
-        // a multi-row VALUES list with twelve binds per record. JSON strings,
-        // integers and nulls come out of `->>` as TEXT, INTEGER and NULL,
-        // exactly the values the columns held when bound one by one.
-        // Records per statement (the JSON text of 5000 is about a megabyte).
-        const USAGE_JSON_CHUNK: usize = 5000;
-        const INSERT_USAGE_JSON: &str = "INSERT INTO keysmith_usage (id, key_id, app_id, \
-             tenant_id, endpoint, method, status_code, ip, user_agent, latency_ms, metadata, \
-             created_at) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, \
-             value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \
-             FROM json_each(?1)";
         let to_i64 = super::sql::to_i64;
-        let mut rows = Vec::with_capacity(records.len());
-        for r in records {
-            rows.push((
-                r.id.to_string(),
-                r.key_id.to_string(),
-                &r.app_id,
-                &r.tenant_id,
-                &r.endpoint,
-                &r.method,
-                r.status_code,
-                &r.ip,
-                &r.user_agent,
-                to_i64("latency_ms", r.latency_ms)?,
-                serde_json::Value::Object(r.metadata.clone()).to_string(),
-                ts(r.created_at),
-            ));
-        }
         let mut tx = self.write().await?;
-        for chunk in rows.chunks(USAGE_JSON_CHUNK) {
-            let json = serde_json::to_string(chunk).map_err(Error::store)?;
-            sqlx::query(INSERT_USAGE_JSON)
-                .bind(json)
+        for chunk in records.chunks(500) {
+            let mut insert =
+                QueryBuilder::new(format!("INSERT INTO keysmith_usage ({USAGE_COLUMNS}) "));
+            let mut bad = None;
+            insert.push_values(chunk, |mut row, r| {
+                let latency = to_i64("latency_ms", r.latency_ms).unwrap_or_else(|e| {
+                    bad = Some(e);
+                    0
+                });
+                row.push_bind(r.id.to_string())
+                    .push_bind(r.key_id.to_string())
+                    .push_bind(r.app_id.clone())
+                    .push_bind(r.tenant_id.clone())
+                    .push_bind(r.endpoint.clone())
+                    .push_bind(r.method.clone())
+                    .push_bind(i64::from(r.status_code))
+                    .push_bind(r.ip.clone())
+                    .push_bind(r.user_agent.clone())
+                    .push_bind(latency)
+                    .push_bind(serde_json::Value::Object(r.metadata.clone()).to_string())
+                    .push_bind(ts(r.created_at));
+            });
+            if let Some(error) = bad {
+                return Err(error);
+            }
+            insert
+                .build()
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error(ResourceKind::Usage))?;
