@@ -130,7 +130,7 @@ impl Default for Config {
             sweep_interval: HumanDuration(Duration::from_secs(60)),
             usage_retention: HumanDuration(Duration::from_secs(90 * 86_400)),
             usage_flush_interval: HumanDuration(Duration::from_millis(500)),
-            usage_batch_size: 1000,
+            usage_batch_size: 5000,
             usage_queue_capacity: 100_000,
             cache: true,
             cache_capacity: 100_000,

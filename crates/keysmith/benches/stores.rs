@@ -6,12 +6,17 @@
 //! `KEYSMITH_BENCH_POSTGRES_URL` names a server where it may `CREATE DATABASE`
 //! (it creates `ks_bench_<random>`, fills it and drops it; scripts/bench starts
 //! a throwaway server). `KEYSMITH_BENCH_KEYS` sets the key count (default
-//! 100 000).
+//! 100 000), or several, comma-separated (`10000,1000000`: the scale
+//! comparison); each count gets its own database, filled, measured and
+//! dropped in turn, and its figures are named after it
+//! (`sqlite/engine_validate/10000`).
 //!
 //! Filling: one key is created through the engine (the reference); the others
-//! are bulk-inserted, 1000 rows per `INSERT`, as copies of the reference row
-//! with their own id, name, hash and hint, and linked to the reference's
-//! scopes. Before measuring, the engine validates a sample of the bulk keys
+//! are bulk-inserted, 1000 rows per `INSERT`, in one transaction, as copies
+//! of the reference row with their own id, name, hash and hint (each secret
+//! generated and hashed as the engine does), and linked to the reference's
+//! scopes. Keys are generated chunk by chunk, so only the raw secrets stay in
+//! memory (a million keys fill in well under a minute per store). Before measuring, the engine validates a sample of the bulk keys
 //! and must read back exactly the reference with those four fields changed.
 //! Both sides of each pair run on one current-thread runtime with
 //! `rt.block_on`, against the same pool, the same rows, the same key order.
@@ -21,7 +26,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use keysmith::{
     ApiKey, CreateKey, Engine, Environment, KeyId, RawKey, RequestContext, SecretHash, Store,
     Tenant,
@@ -31,12 +36,19 @@ use tokio::runtime::Runtime;
 /// Rows per multi-row `INSERT`.
 const CHUNK: usize = 1000;
 
-fn key_count() -> usize {
-    std::env::var("KEYSMITH_BENCH_KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-        .max(1)
+/// The key counts to measure, in order.
+fn key_counts() -> Vec<usize> {
+    let counts: Vec<usize> = std::env::var("KEYSMITH_BENCH_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|v| v.trim().replace('_', "").parse().ok())
+        .map(|n: usize| n.max(2))
+        .collect();
+    if counts.is_empty() {
+        vec![100_000]
+    } else {
+        counts
+    }
 }
 
 /// What a filled store holds.
@@ -46,10 +58,14 @@ struct Filled {
     raws: Vec<String>,
     /// The reference key as the engine reads it back.
     reference: ApiKey,
+    /// How many keys the store holds once filled.
+    count: usize,
+    /// Some bulk keys as inserted, by index, for `check_fill`.
+    samples: Vec<(usize, ApiKey)>,
 }
 
 /// Creates the reference key through the engine over `store`.
-async fn reference(store: Arc<dyn Store>) -> Filled {
+async fn reference(store: Arc<dyn Store>, count: usize) -> Filled {
     let engine = Engine::builder(store).build();
     let tenant = Tenant::new("bench", "t").unwrap();
     let request = CreateKey {
@@ -66,47 +82,57 @@ async fn reference(store: Arc<dyn Store>) -> Filled {
         .unwrap()
         .key)
         .clone();
+    let mut raws = Vec::with_capacity(count);
+    raws.push(raw);
     Filled {
         engine,
-        raws: vec![raw],
+        raws,
         reference,
+        count,
+        samples: Vec::new(),
     }
 }
 
-/// The keys to bulk-insert: copies of the reference with their own id, name
-/// and secret (hash and hint). Their raw secrets are appended to `raws`.
-fn bulk_keys(filled: &mut Filled) -> Vec<ApiKey> {
-    let n = key_count();
-    let mut keys = Vec::with_capacity(n.saturating_sub(1));
-    for i in 1..n {
+/// The keys `start..end` to bulk-insert: copies of the reference with their
+/// own id, name and secret (hash and hint). Their raw secrets are appended to
+/// `raws`; the samples `check_fill` reads back are kept in `samples`.
+fn bulk_keys(filled: &mut Filled, start: usize, end: usize) -> Vec<ApiKey> {
+    let mut keys = Vec::with_capacity(end - start);
+    for i in start..end {
         let raw = RawKey::generate("sk", &Environment::Live).unwrap();
-        keys.push(ApiKey {
+        let key = ApiKey {
             id: KeyId::new(),
             name: format!("k{i}"),
             hash: SecretHash::of(raw.expose_secret()),
             hint: raw.hint(),
             ..filled.reference.clone()
-        });
+        };
+        if sample_indexes(filled.count).contains(&i) {
+            filled.samples.push((i, key.clone()));
+        }
+        keys.push(key);
         filled.raws.push(raw.expose_secret().to_owned());
     }
     keys
 }
 
+/// The bulk keys `check_fill` reads back: first, middle, last.
+fn sample_indexes(count: usize) -> [usize; 3] {
+    [1, count / 2, count - 1]
+}
+
 /// Checks that the engine reads bulk-inserted keys back as the reference with
 /// their own id, name, hash and hint: the rows are what the engine writes.
-async fn check_fill(filled: &Filled, keys: &[ApiKey]) {
+async fn check_fill(filled: &Filled) {
     let ctx = RequestContext::default();
-    let n = filled.raws.len();
-    for i in [1, n / 2, n - 1] {
-        if i == 0 || i >= n {
-            continue;
-        }
-        let valid = filled.engine.validate(&filled.raws[i], &ctx).await.unwrap();
-        assert_eq!(
-            *valid.key,
-            keys[i - 1],
-            "bulk key {i} reads back differently"
-        );
+    assert_eq!(filled.raws.len(), filled.count, "every key was filled");
+    for (i, key) in &filled.samples {
+        let valid = filled
+            .engine
+            .validate(&filled.raws[*i], &ctx)
+            .await
+            .unwrap();
+        assert_eq!(*valid.key, *key, "bulk key {i} reads back differently");
     }
 }
 
@@ -120,16 +146,19 @@ where
     let mut group = c.benchmark_group(group);
     group.throughput(Throughput::Elements(1));
     let mut i = 0;
-    group.bench_function("baseline_select_by_hash", |b| {
-        b.iter(|| {
-            i = (i + 7919) % raws.len();
-            let hash = SecretHash::of(black_box(&raws[i])).to_hex();
-            rt.block_on(baseline(hash))
-        })
-    });
+    group.bench_function(
+        BenchmarkId::new("baseline_select_by_hash", filled.count),
+        |b| {
+            b.iter(|| {
+                i = (i + 7919) % raws.len();
+                let hash = SecretHash::of(black_box(&raws[i])).to_hex();
+                rt.block_on(baseline(hash))
+            })
+        },
+    );
     let ctx = RequestContext::default();
     let mut i = 0;
-    group.bench_function("engine_validate", |b| {
+    group.bench_function(BenchmarkId::new("engine_validate", filled.count), |b| {
         b.iter(|| {
             i = (i + 7919) % raws.len();
             rt.block_on(filled.engine.validate(black_box(&raws[i]), &ctx))
@@ -141,21 +170,21 @@ where
 
 // ------------------------------------------------------------------ SQLite
 
-async fn fill_sqlite(store: keysmith::SqliteStore) -> Filled {
+async fn fill_sqlite(store: keysmith::SqliteStore, count: usize) -> Filled {
     use sqlx::{QueryBuilder, Sqlite};
 
     let pool = store.pool().clone();
-    let mut filled = reference(Arc::new(store)).await;
-    let keys = bulk_keys(&mut filled);
+    let mut filled = reference(Arc::new(store), count).await;
     let ts = |t: chrono::DateTime<chrono::Utc>| t.timestamp_micros();
     let mut tx = pool.begin().await.unwrap();
-    for chunk in keys.chunks(CHUNK) {
+    for start in (1..count).step_by(CHUNK) {
+        let chunk = bulk_keys(&mut filled, start, (start + CHUNK).min(count));
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO keysmith_keys (id, name, hash, prefix, environment, state, app_id, \
              tenant_id, policy_id, expires_at, last_used_at, created_at, updated_at, \
              description, hint, metadata, created_by, rotated_at, revoked_at) ",
         );
-        insert.push_values(chunk, |mut row, key| {
+        insert.push_values(&chunk, |mut row, key| {
             row.push_bind(key.id.to_string())
                 .push_bind(key.name.clone())
                 .push_bind(key.hash.to_hex())
@@ -199,11 +228,11 @@ async fn fill_sqlite(store: keysmith::SqliteStore) -> Filled {
         .execute(&pool)
         .await
         .unwrap();
-    check_fill(&filled, &keys).await;
+    check_fill(&filled).await;
     filled
 }
 
-fn bench_sqlite(c: &mut Criterion, rt: &Runtime) {
+fn bench_sqlite(c: &mut Criterion, rt: &Runtime, count: usize) {
     let dir = std::env::temp_dir().join(format!("keysmith-bench-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("keys.db");
@@ -215,7 +244,9 @@ fn bench_sqlite(c: &mut Criterion, rt: &Runtime) {
         store
     });
     let pool = store.pool().clone();
-    let filled = rt.block_on(fill_sqlite(store));
+    let started = std::time::Instant::now();
+    let filled = rt.block_on(fill_sqlite(store, count));
+    eprintln!("sqlite: {count} keys filled in {:.1?}", started.elapsed());
     bench_pair(c, rt, "sqlite", &filled, |hash| {
         let pool = &pool;
         async move {
@@ -250,20 +281,26 @@ fn with_database(url: &str, database: &str) -> String {
 }
 
 #[cfg(feature = "postgres")]
-async fn fill_postgres(store: keysmith::PostgresStore) -> Filled {
+async fn fill_postgres(store: keysmith::PostgresStore, count: usize) -> Filled {
     use sqlx::{Postgres, QueryBuilder};
 
     let pool = store.pool().clone();
-    let mut filled = reference(Arc::new(store)).await;
-    let keys = bulk_keys(&mut filled);
+    let mut filled = reference(Arc::new(store), count).await;
     let mut tx = pool.begin().await.unwrap();
-    for chunk in keys.chunks(CHUNK) {
+    // The store's connections carry a statement timeout meant for requests;
+    // linking a million keys to their scopes is one longer statement.
+    sqlx::raw_sql("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for start in (1..count).step_by(CHUNK) {
+        let chunk = bulk_keys(&mut filled, start, (start + CHUNK).min(count));
         let mut insert = QueryBuilder::<Postgres>::new(
             "INSERT INTO keysmith_keys (id, app_id, tenant_id, name, description, prefix, hint, \
              hash, environment, state, policy_id, metadata, created_by, expires_at, \
              last_used_at, rotated_at, revoked_at, created_at, updated_at) ",
         );
-        insert.push_values(chunk, |mut row, key| {
+        insert.push_values(&chunk, |mut row, key| {
             row.push_bind(key.id.to_string())
                 .push_bind(key.app_id.clone())
                 .push_bind(key.tenant_id.clone())
@@ -299,16 +336,22 @@ async fn fill_postgres(store: keysmith::PostgresStore) -> Filled {
     tx.commit().await.unwrap();
     // What autovacuum does shortly after a bulk load anyway, done before the
     // measurements instead of during them.
-    sqlx::raw_sql("VACUUM ANALYZE")
-        .execute(&pool)
-        .await
-        .unwrap();
-    check_fill(&filled, &keys).await;
+    // Without the requests' statement timeout (a million rows take longer).
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in [
+        "SET statement_timeout = 0",
+        "VACUUM ANALYZE",
+        "RESET statement_timeout",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+    check_fill(&filled).await;
     filled
 }
 
 #[cfg(feature = "postgres")]
-fn bench_postgres(c: &mut Criterion, rt: &Runtime) {
+fn bench_postgres(c: &mut Criterion, rt: &Runtime, count: usize) {
     use sqlx::Connection;
 
     let Ok(url) = std::env::var("KEYSMITH_BENCH_POSTGRES_URL") else {
@@ -332,7 +375,9 @@ fn bench_postgres(c: &mut Criterion, rt: &Runtime) {
         store
     });
     let pool = store.pool().clone();
-    let filled = rt.block_on(fill_postgres(store));
+    let started = std::time::Instant::now();
+    let filled = rt.block_on(fill_postgres(store, count));
+    eprintln!("postgres: {count} keys filled in {:.1?}", started.elapsed());
     bench_pair(c, rt, "postgres", &filled, |hash| {
         let pool = &pool;
         async move {
@@ -361,9 +406,11 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    bench_sqlite(c, &rt);
-    #[cfg(feature = "postgres")]
-    bench_postgres(c, &rt);
+    for count in key_counts() {
+        bench_sqlite(c, &rt, count);
+        #[cfg(feature = "postgres")]
+        bench_postgres(c, &rt, count);
+    }
 }
 
 criterion_group!(benches, bench);

@@ -35,7 +35,7 @@ impl Default for UsageWriterOptions {
     fn default() -> Self {
         Self {
             capacity: 100_000,
-            batch_size: 1000,
+            batch_size: 5000,
             flush_interval: Duration::from_millis(500),
         }
     }

@@ -1661,35 +1661,52 @@ impl Store for PostgresStore {
             .iter()
             .map(UsageBinds::of)
             .collect::<Result<Vec<_>>>()?;
+        // One statement for the whole batch, whatever its size: each column
+        // travels as one array and UNNEST turns them back into rows. The text
+        // never changes, so the server prepares it once per connection (a
+        // multi-row VALUES list is a new statement for every batch size, and
+        // costs a bind per value).
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let key_ids: Vec<&str> = rows.iter().map(|r| r.key_id.as_str()).collect();
+        let app_ids: Vec<&str> = rows.iter().map(|r| r.record.app_id.as_str()).collect();
+        let tenant_ids: Vec<&str> = rows.iter().map(|r| r.record.tenant_id.as_str()).collect();
+        let endpoints: Vec<&str> = rows.iter().map(|r| r.record.endpoint.as_str()).collect();
+        let methods: Vec<&str> = rows.iter().map(|r| r.record.method.as_str()).collect();
+        let statuses: Vec<i32> = rows.iter().map(|r| r.status_code).collect();
+        let ips: Vec<Option<&str>> = rows.iter().map(|r| r.record.ip.as_deref()).collect();
+        let agents: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.record.user_agent.as_deref())
+            .collect();
+        let latencies: Vec<i64> = rows.iter().map(|r| r.latency_ms).collect();
+        let metadata: Vec<&serde_json::Value> = rows.iter().map(|r| &r.metadata).collect();
+        let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.record.created_at).collect();
         self.bounded(async {
             transaction!(self, |tx| {
-                for chunk in rows.chunks(USAGE_CHUNK) {
-                    let mut insert = sqlx::QueryBuilder::<Postgres>::new(
-                        "INSERT INTO keysmith_usage (id, key_id, app_id, tenant_id, endpoint, \
-                         method, status_code, ip, user_agent, latency_ms, metadata, created_at) ",
-                    );
-                    insert.push_values(chunk, |mut b, row| {
-                        b.push_bind(&row.id)
-                            .push_bind(&row.key_id)
-                            .push_bind(&row.record.app_id)
-                            .push_bind(&row.record.tenant_id)
-                            .push_bind(&row.record.endpoint)
-                            .push_bind(&row.record.method)
-                            .push_bind(row.status_code)
-                            .push_bind(&row.record.ip)
-                            .push_bind(&row.record.user_agent)
-                            .push_bind(row.latency_ms)
-                            .push_bind(&row.metadata)
-                            .push_bind(row.record.created_at);
-                    });
-                    // A clash on id, within the batch or with a stored record,
-                    // fails the statement and rolls the whole batch back.
-                    insert
-                        .build()
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error(ResourceKind::Usage))?;
-                }
+                // A clash on id, within the batch or with a stored record,
+                // fails the statement and rolls the whole batch back.
+                sqlx::query(
+                    "INSERT INTO keysmith_usage (id, key_id, app_id, tenant_id, endpoint, \
+                     method, status_code, ip, user_agent, latency_ms, metadata, created_at) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+                     $5::text[], $6::text[], $7::int4[], $8::text[], $9::text[], $10::int8[], \
+                     $11::jsonb[], $12::timestamptz[])",
+                )
+                .bind(&ids)
+                .bind(&key_ids)
+                .bind(&app_ids)
+                .bind(&tenant_ids)
+                .bind(&endpoints)
+                .bind(&methods)
+                .bind(&statuses)
+                .bind(&ips)
+                .bind(&agents)
+                .bind(&latencies)
+                .bind(&metadata)
+                .bind(&created)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error(ResourceKind::Usage))?;
             })
         })
         .await
