@@ -1,6 +1,7 @@
 //! `/v1/keys`: create, list, read, change, rotate, revoke, suspend,
 //! reactivate, delete, scopes, rotations, and validation for non-Rust callers.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -98,14 +99,16 @@ pub struct ValidateResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
     /// The key, when valid.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<ApiKey>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared")]
+    #[schema(value_type = Option<ApiKey>)]
+    pub key: Option<Arc<ApiKey>>,
     /// Its scopes, when valid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
     /// Its policy, when valid and it has one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<Policy>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared")]
+    #[schema(value_type = Option<Policy>)]
+    pub policy: Option<Arc<Policy>>,
     /// Set when the presented secret was rotated out and is in its grace period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_ends: Option<DateTime<Utc>>,
@@ -121,6 +124,15 @@ pub struct ValidateResponse {
     /// When the exhausted quota resets, when refused by a quota.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// Serializes what an `Arc` shares (the validation's own key and policy, not
+/// copies of them).
+fn shared<T: Serialize, S: serde::Serializer>(
+    value: &Option<Arc<T>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    value.as_deref().serialize(serializer)
 }
 
 impl ValidateResponse {
@@ -410,8 +422,8 @@ pub async fn validate(
             valid: true,
             code: None,
             scopes: Some(valid.key.scopes.clone()),
-            key: Some(keysmith::ApiKey::clone(&valid.key)),
-            policy: valid.policy.as_deref().cloned(),
+            key: Some(valid.key.clone()),
+            policy: valid.policy.clone(),
             grace_ends: valid.grace_ends,
             rate_limit: valid.rate_limit,
             retry_after: None,
