@@ -1154,17 +1154,24 @@ impl Store for SqliteStore {
                     bad = Some(e);
                     0
                 });
+                // Text is bound by reference: the usage writer inserts tens
+                // of thousands of rows a second, each copy costs.
+                let metadata = if r.metadata.is_empty() {
+                    "{}".to_owned()
+                } else {
+                    serde_json::to_string(&r.metadata).unwrap_or_else(|_| "{}".to_owned())
+                };
                 row.push_bind(r.id.to_string())
                     .push_bind(r.key_id.to_string())
-                    .push_bind(r.app_id.clone())
-                    .push_bind(r.tenant_id.clone())
-                    .push_bind(r.endpoint.clone())
-                    .push_bind(r.method.clone())
+                    .push_bind(r.app_id.as_str())
+                    .push_bind(r.tenant_id.as_str())
+                    .push_bind(r.endpoint.as_str())
+                    .push_bind(r.method.as_str())
                     .push_bind(i64::from(r.status_code))
-                    .push_bind(r.ip.clone())
-                    .push_bind(r.user_agent.clone())
+                    .push_bind(r.ip.as_deref())
+                    .push_bind(r.user_agent.as_deref())
                     .push_bind(latency)
-                    .push_bind(serde_json::Value::Object(r.metadata.clone()).to_string())
+                    .push_bind(metadata)
                     .push_bind(ts(r.created_at));
             });
             if let Some(error) = bad {
