@@ -36,6 +36,9 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// The audit action of an accepted validation.
+const VALIDATED: &str = "keysmith.key.validated";
+
 /// Audit events into the log, as structured fields.
 #[derive(Debug, Default)]
 pub struct LogAuditSink;
@@ -43,18 +46,30 @@ pub struct LogAuditSink;
 #[async_trait]
 impl AuditSink for LogAuditSink {
     async fn record(&self, event: AuditEvent) -> HookResult {
-        tracing::info!(
-            target: "keysmith::audit",
-            action = event.action,
-            outcome = ?event.outcome,
-            severity = ?event.severity,
-            resource = event.resource_type,
-            resource_id = event.resource_id.as_deref().unwrap_or("-"),
-            app_id = event.app_id.as_deref().unwrap_or("-"),
-            tenant_id = event.tenant_id.as_deref().unwrap_or("-"),
-            reason = event.reason.as_deref().unwrap_or("-"),
-            "audit"
-        );
+        macro_rules! audit {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "keysmith::audit",
+                    action = event.action,
+                    outcome = ?event.outcome,
+                    severity = ?event.severity,
+                    resource = event.resource_type,
+                    resource_id = event.resource_id.as_deref().unwrap_or("-"),
+                    app_id = event.app_id.as_deref().unwrap_or("-"),
+                    tenant_id = event.tenant_id.as_deref().unwrap_or("-"),
+                    reason = event.reason.as_deref().unwrap_or("-"),
+                    "audit"
+                )
+            };
+        }
+        // An accepted validation is the hot path's every request: it is
+        // counted in `keysmith_validations_total` and logged only at debug
+        // level. Changes and refusals are logged at info.
+        if event.action == VALIDATED {
+            audit!(debug);
+        } else {
+            audit!(info);
+        }
         Ok(())
     }
 }
