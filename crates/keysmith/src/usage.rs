@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::model::UsageRecord;
@@ -55,6 +55,11 @@ enum Message {
 pub struct UsageSink {
     queue: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
+    /// Wakes the writer. It is not woken per record (a wake-up per request
+    /// costs more than the record): only once a batch is waiting, on a
+    /// flush, or when the queue is full; else its timer wakes it.
+    wake: Arc<Notify>,
+    batch_size: usize,
 }
 
 impl UsageSink {
@@ -62,12 +67,23 @@ impl UsageSink {
     /// queue is full or the writer has stopped.
     pub fn record(&self, record: UsageRecord) -> bool {
         match self.queue.try_send(Message::Record(record)) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.wake_if_a_batch_waits();
+                true
+            }
             Err(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keysmith_usage_dropped_total").increment(1);
+                self.wake.notify_one();
                 false
             }
+        }
+    }
+
+    fn wake_if_a_batch_waits(&self) {
+        let queued = self.queue.max_capacity() - self.queue.capacity();
+        if queued >= self.batch_size {
+            self.wake.notify_one();
         }
     }
 
@@ -83,9 +99,13 @@ impl UsageSink {
                 for (permit, record) in permits.zip(records) {
                     permit.send(Message::Record(record));
                 }
+                self.wake_if_a_batch_waits();
                 Ok(())
             }
-            Err(_) => Err(records),
+            Err(_) => {
+                self.wake.notify_one();
+                Err(records)
+            }
         }
     }
 
@@ -94,7 +114,9 @@ impl UsageSink {
     /// writer has stopped, since it wrote everything before stopping.
     pub async fn flush(&self) {
         let (done, written) = oneshot::channel();
+        self.wake.notify_one();
         if self.queue.send(Message::Flush(done)).await.is_ok() {
+            self.wake.notify_one();
             let _ = written.await;
         }
     }
@@ -117,10 +139,13 @@ impl UsageWriter {
     pub fn spawn(store: Arc<dyn Store>, options: UsageWriterOptions) -> (Self, UsageSink) {
         let (queue, rx) = mpsc::channel(options.capacity.max(1));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(store, rx, stopped, options));
+        let wake = Arc::new(Notify::new());
+        let task = tokio::spawn(run(store, rx, stopped, wake.clone(), options));
         let sink = UsageSink {
             queue,
             dropped: Arc::new(AtomicU64::new(0)),
+            wake,
+            batch_size: options.batch_size.max(1),
         };
         (
             Self {
@@ -151,48 +176,56 @@ async fn run(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Message>,
     mut stopped: watch::Receiver<bool>,
+    wake: Arc<Notify>,
     options: UsageWriterOptions,
 ) {
     let batch_size = options.batch_size.max(1);
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_size);
-    let mut ticker = tokio::time::interval(options.flush_interval.max(Duration::from_millis(1)));
+    let every = options.flush_interval.max(Duration::from_millis(1));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            received = rx.recv() => match received {
-                Some(Message::Record(record)) => {
-                    batch.push(record);
-                    if batch.len() >= batch_size {
-                        write(&*store, &mut batch).await;
-                    }
-                }
-                Some(Message::Flush(done)) => {
-                    write(&*store, &mut batch).await;
-                    let _ = done.send(());
-                }
-                None => break,
-            },
-            _ = ticker.tick() => write(&*store, &mut batch).await,
-            _ = stopped.changed() => break,
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            () = wake.notified() => false,
+            _ = stopped.changed() => true,
+        };
+        let open = drain(&*store, &mut rx, &mut batch, batch_size).await;
+        if stopping || !open {
+            break;
         }
     }
-    // Shutting down: everything still queued is written.
-    let mut waiting = Vec::new();
-    while let Ok(message) = rx.try_recv() {
-        match message {
-            Message::Record(record) => {
+    // Shutting down: everything still queued is written (drain did), and
+    // flushes that arrive while the task ends are answered by their sender
+    // being dropped.
+}
+
+/// Writes everything queued now, in batches of at most `batch_size`, and
+/// answers the flush requests met on the way. `false` once every sink is gone.
+async fn drain(
+    store: &dyn Store,
+    rx: &mut mpsc::Receiver<Message>,
+    batch: &mut Vec<UsageRecord>,
+    batch_size: usize,
+) -> bool {
+    let open = loop {
+        match rx.try_recv() {
+            Ok(Message::Record(record)) => {
                 batch.push(record);
                 if batch.len() >= batch_size {
-                    write(&*store, &mut batch).await;
+                    write(store, batch).await;
                 }
             }
-            Message::Flush(done) => waiting.push(done),
+            Ok(Message::Flush(done)) => {
+                write(store, batch).await;
+                let _ = done.send(());
+            }
+            Err(mpsc::error::TryRecvError::Empty) => break true,
+            Err(mpsc::error::TryRecvError::Disconnected) => break false,
         }
-    }
-    write(&*store, &mut batch).await;
-    for done in waiting {
-        let _ = done.send(());
-    }
+    };
+    write(store, batch).await;
+    open
 }
 
 async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
@@ -237,6 +270,39 @@ mod tests {
     async fn stored(store: &dyn Store, tenant: &Tenant) -> u64 {
         let filter = UsageFilter::default();
         store.list_usage(tenant, &filter).await.unwrap().total
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_written_without_waiting_for_the_timer() {
+        let store = Arc::new(MemoryStore::new());
+        let tenant = Tenant::new("app", "t").unwrap();
+        let options = UsageWriterOptions {
+            capacity: 100,
+            batch_size: 3,
+            flush_interval: Duration::from_secs(3600),
+        };
+        let (writer, sink) = UsageWriter::spawn(store.clone(), options);
+        for _ in 0..2 {
+            assert!(sink.record(record(&tenant)));
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(stored(&*store, &tenant).await, 0, "not a batch yet");
+        assert!(sink.record(record(&tenant)));
+        let mut written = 0;
+        for _ in 0..10_000 {
+            written = stored(&*store, &tenant).await;
+            if written == 3 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            written, 3,
+            "the third record completes a batch and wakes the writer"
+        );
+        writer.shutdown().await;
     }
 
     #[tokio::test]
