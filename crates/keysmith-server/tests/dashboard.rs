@@ -376,6 +376,12 @@ async fn pages_need_a_session() {
             .await;
         with_junk.assert_redirect("/dashboard/login");
     }
+    // A trailing slash finds the dashboard too.
+    let slash = app
+        .send(Request::get("/dashboard/").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(slash.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(slash.location(), "/dashboard");
     let post = app
         .send(
             Request::post("/dashboard/keys/new")

@@ -91,6 +91,11 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     Router::new()
         .nest("/v1", v1)
         .nest("/dashboard", crate::dashboard::router(state.engine.clone()))
+        // `/dashboard/` as typed or bookmarked: the same page.
+        .route(
+            "/dashboard/",
+            get(|| async { axum::response::Redirect::permanent("/dashboard") }),
+        )
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))
