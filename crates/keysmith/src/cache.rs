@@ -30,9 +30,10 @@ use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::id::{KeyId, PolicyId};
 use crate::model::ApiKey;
+use crate::model::KeyState;
 use crate::policy::Policy;
 use crate::secret::SecretHash;
-use crate::store::{Lookup, RotatedSecret};
+use crate::store::Lookup;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -116,33 +117,56 @@ const SHARDS: usize = 16;
 /// microseconds).
 type Shard<V> = RwLock<HashMap<SecretHash, (V, i64), foldhash::fast::RandomState>>;
 
-/// What the cache keeps of a lookup: three words, so that an entry (hash,
-/// this, age) is 64 bytes, one cache line, for the hot path's sake.
+/// What validation needs of a lookup by hash, checked (the stored hash
+/// compared in constant time) and with the fields validation tests kept
+/// inline: a cached validation reads this entry and the key's reference
+/// count, not the key's fields scattered over other cache lines. This is
+/// what the cache keeps, and what the store path hands to validation too.
 #[derive(Clone)]
-struct Compact {
-    key: Arc<ApiKey>,
-    policy: Option<Arc<Policy>>,
-    /// Rare (a secret in its rotation grace period): boxed to keep entries small.
-    rotated: Option<Box<RotatedSecret>>,
+pub(crate) struct Found {
+    /// When the key expires (Unix microseconds), `i64::MAX` if never.
+    pub(crate) expires_us: i64,
+    /// When the presented secret stops working because a rotation replaced
+    /// it (Unix microseconds), `i64::MAX` for the key's current secret.
+    pub(crate) grace_us: i64,
+    /// The key's `last_used_at` (Unix microseconds), `i64::MIN` if never.
+    pub(crate) last_used_us: i64,
+    /// The key.
+    pub(crate) key: Arc<ApiKey>,
+    /// Its policy.
+    pub(crate) policy: Option<Arc<Policy>>,
+    /// The key's state.
+    pub(crate) state: KeyState,
 }
 
-impl From<Lookup> for Compact {
-    fn from(found: Lookup) -> Self {
-        Self {
+impl Found {
+    /// What validation needs of `found`, the store's answer for `hash`;
+    /// `None` unless the stored hash (the current secret's, or the rotated
+    /// one's) equals `hash`, compared in constant time.
+    pub(crate) fn checked(found: Lookup, hash: &SecretHash) -> Option<Self> {
+        let stored = found
+            .rotated
+            .as_ref()
+            .map_or(found.key.hash, |r| r.old_hash);
+        if !stored.ct_eq(hash) {
+            return None;
+        }
+        let us = |at: Option<DateTime<Utc>>, none: i64| at.map_or(none, |at| at.timestamp_micros());
+        Some(Self {
+            expires_us: us(found.key.expires_at, i64::MAX),
+            grace_us: us(found.rotated.map(|r| r.grace_ends), i64::MAX),
+            last_used_us: us(found.key.last_used_at, i64::MIN),
+            state: found.key.state,
             key: found.key,
             policy: found.policy,
-            rotated: found.rotated.map(Box::new),
-        }
+        })
     }
-}
 
-impl Compact {
-    fn expand(&self) -> Lookup {
-        Lookup {
-            key: self.key.clone(),
-            policy: self.policy.clone(),
-            rotated: self.rotated.as_deref().copied(),
-        }
+    /// When the presented secret stops working, if a rotation replaced it.
+    pub(crate) fn grace_ends(&self) -> Option<DateTime<Utc>> {
+        (self.grace_us != i64::MAX)
+            .then(|| DateTime::from_timestamp_micros(self.grace_us))
+            .flatten()
     }
 }
 
@@ -250,7 +274,7 @@ pub(crate) struct ValidationCache {
     /// disconnected from the change feed.
     lifetimes: [(i64, i64); 2],
     /// Hashes that were found, with what was found.
-    found: Side<Compact>,
+    found: Side<Found>,
     /// Hashes that were not found.
     unknown: Side<()>,
     /// Bumped by every invalidation of found keys: a lookup that raced one
@@ -296,10 +320,10 @@ impl ValidationCache {
         if found { found_ttl } else { unknown_ttl }
     }
 
-    /// `Some(found)` on a live entry (`Some(None)`: known not to exist).
-    pub(crate) fn get(&self, hash: &SecretHash, now: DateTime<Utc>) -> Option<Option<Lookup>> {
-        let now = now.timestamp_micros();
-        if let Some(found) = self.found.get(hash, now, self.ttl(true), Compact::expand) {
+    /// `Some(found)` on a live entry (`Some(None)`: known not to exist);
+    /// `now` in Unix microseconds.
+    pub(crate) fn get(&self, hash: &SecretHash, now: i64) -> Option<Option<Found>> {
+        if let Some(found) = self.found.get(hash, now, self.ttl(true), Found::clone) {
             return Some(Some(found));
         }
         self.unknown.get(hash, now, self.ttl(false), |()| None)
@@ -319,17 +343,15 @@ impl ValidationCache {
     pub(crate) fn insert(
         &self,
         hash: SecretHash,
-        found: Option<Lookup>,
-        now: DateTime<Utc>,
+        found: Option<Found>,
+        now: i64,
         generation: Generation,
     ) {
         let unchanged = || self.generation.load(Ordering::Acquire) == generation.changed;
-        let now = now.timestamp_micros();
         match found {
-            Some(found) => {
-                self.found
-                    .insert(hash, found.into(), now, micros(self.options.ttl), unchanged)
-            }
+            Some(found) => self
+                .found
+                .insert(hash, found, now, micros(self.options.ttl), unchanged),
             None => self
                 .unknown
                 .insert(hash, (), now, micros(self.options.negative_ttl), || {
@@ -342,8 +364,10 @@ impl ValidationCache {
     /// for the `last_used_at` write-behind), so that the engine does not note
     /// it again at every validation within the coalescing interval.
     pub(crate) fn note_used(&self, hash: &SecretHash, now: DateTime<Utc>) {
+        let now_us = now.timestamp_micros();
         self.found.update(hash, |found| {
-            if found.key.last_used_at.is_none_or(|at| at < now) {
+            if found.last_used_us < now_us {
+                found.last_used_us = now_us;
                 let mut key = (*found.key).clone();
                 key.last_used_at = Some(now);
                 found.key = Arc::new(key);
@@ -361,8 +385,8 @@ impl ValidationCache {
         };
         counter.fetch_add(1, Ordering::AcqRel);
         match change {
-            Invalidation::Key(id) => self.found.retain(|l| l.key.id != id),
-            Invalidation::Policy(id) => self.found.retain(|l| l.key.policy_id != Some(id)),
+            Invalidation::Key(id) => self.found.retain(|f| f.key.id != id),
+            Invalidation::Policy(id) => self.found.retain(|f| f.key.policy_id != Some(id)),
             Invalidation::KeyCreated => self.unknown.retain(|()| false),
             Invalidation::All => {
                 self.found.retain(|_| false);
@@ -429,7 +453,7 @@ mod tests {
     #[test]
     fn a_lookup_that_raced_an_invalidation_is_not_kept() {
         let cache = ValidationCache::new(CacheOptions::default());
-        let now = Utc::now();
+        let now = Utc::now().timestamp_micros();
         let hash = SecretHash::of("sk_live_x");
         let before = cache.generation();
         cache.invalidate(Invalidation::KeyCreated);
@@ -443,7 +467,7 @@ mod tests {
         assert_eq!(cache.get(&hash, now).map(|f| f.is_none()), Some(true));
         // Disconnected from its feed, entries live at most the degraded TTL.
         cache.set_fresh(false);
-        let later = now + chrono::Duration::seconds(1);
+        let later = now + 1_000_000;
         assert!(cache.get(&hash, later).is_none());
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::cache::{CacheOptions, ChangeFeed, Invalidation, ValidationCache};
+use crate::cache::{CacheOptions, ChangeFeed, Found, Invalidation, ValidationCache};
 use crate::clock::{Clock, SystemClock, store_precision};
 use crate::duration;
 use crate::error::{Error, Result};
@@ -24,7 +24,7 @@ use crate::ratelimit::{
 };
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
-use crate::store::{KeyUpdate, Lookup, NewRotation, Store};
+use crate::store::{KeyUpdate, NewRotation, Store};
 use crate::usage::UsageSink;
 
 /// Grace period of a rotation when neither the call nor the policy sets one.
@@ -277,7 +277,10 @@ impl EngineBuilder {
                 rate_limiter,
                 quota_counter,
                 last_used: LastUsed::default(),
-                last_used_interval: self.last_used_interval,
+                last_used_interval_us: self
+                    .last_used_interval
+                    .num_microseconds()
+                    .unwrap_or(i64::MAX),
                 usage_sink: self.usage_sink,
                 cache,
                 change_feed: self.change_feed,
@@ -322,8 +325,9 @@ struct Inner {
     /// Keys used since the last flush, with when: written behind, one store
     /// write per key per flush, never one per request.
     last_used: LastUsed,
-    /// A key whose `last_used_at` is younger than this is not noted again.
-    last_used_interval: chrono::Duration,
+    /// A key whose `last_used_at` is younger than this (in microseconds) is
+    /// not noted again.
+    last_used_interval_us: i64,
     /// Where reported usage is queued, when it is not written at once.
     usage_sink: Option<UsageSink>,
     /// What validation looked up recently.
@@ -645,17 +649,20 @@ impl Engine {
         }
     }
 
-    /// What validation finds for `hash`: from the cache when it holds it,
-    /// else from the store (and then cached).
-    async fn lookup(&self, hash: &SecretHash, now: DateTime<Utc>) -> Result<Option<Lookup>> {
+    /// What validation finds for `hash` (checked: see [`Found::checked`]):
+    /// from the cache when it holds it, else from the store (and then
+    /// cached). `now` in Unix microseconds.
+    async fn lookup(&self, hash: &SecretHash, now: i64) -> Result<Option<Found>> {
         let Some(cache) = &self.inner.cache else {
-            return self.inner.store.lookup(hash).await;
+            let found = self.inner.store.lookup(hash).await?;
+            return Ok(found.and_then(|f| Found::checked(f, hash)));
         };
         if let Some(found) = cache.get(hash, now) {
             return Ok(found);
         }
         let generation = cache.generation();
         let found = self.inner.store.lookup(hash).await?;
+        let found = found.and_then(|f| Found::checked(f, hash));
         cache.insert(*hash, found.clone(), now, generation);
         Ok(found)
     }
@@ -684,22 +691,28 @@ impl Engine {
             return self.refused(Error::InvalidKey, None).await;
         };
         // The clock is read once per validation.
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_micros();
         // 2. Hash, then the cache or the store (current secret, else a
         // rotated one).
         let hash = SecretHash::of(raw_key);
         let found = self.lookup(&hash, now).await?;
-        let outcome = self.check(found, &hash, request, now);
+        let outcome = self.check(found, request, now);
         // 6. Rate limit and 7. quota, for keys that passed everything else.
         let outcome = match outcome {
-            Ok(valid) if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) => {
-                self.enforce_limits(valid, request, now).await?
+            Ok((valid, last_used))
+                if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) =>
+            {
+                let at = DateTime::from_timestamp_micros(now).unwrap_or_default();
+                match self.enforce_limits(valid, request, at).await? {
+                    Ok(valid) => Ok((valid, last_used)),
+                    Err(refusal) => Err(refusal),
+                }
             }
             other => other,
         };
         match outcome {
-            Ok(valid) => {
-                self.note_use(&valid.key, &hash, now);
+            Ok((valid, last_used)) => {
+                self.note_use(&valid.key, last_used, &hash, now);
                 run_hooks!(self.hooks(), "key_validated", |h| h
                     .key_validated(&valid.key));
                 Ok(valid)
@@ -727,25 +740,21 @@ impl Engine {
         Err(error)
     }
 
-    /// Steps 2 (the constant-time check) to 8 of validation, on what the store
-    /// found. A denial carries the key, when there is one, for the hooks.
+    /// Steps 3 to 5 of validation, on what the lookup found (the stored hash
+    /// already compared in constant time), with the key's `last_used_at`
+    /// (Unix microseconds) for the write-behind. A denial carries the key,
+    /// when there is one, for the hooks.
+    #[allow(clippy::type_complexity)]
     fn check(
         &self,
-        found: Option<Lookup>,
-        hash: &SecretHash,
+        found: Option<Found>,
         request: &RequestContext,
-        now: DateTime<Utc>,
-    ) -> std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)> {
+        now: i64,
+    ) -> std::result::Result<(Validation, i64), (Error, Option<Arc<ApiKey>>)> {
         let Some(found) = found else {
             return Err((Error::InvalidKey, None));
         };
-        let stored_hash = found
-            .rotated
-            .as_ref()
-            .map_or(found.key.hash, |r| r.old_hash);
-        if !stored_hash.ct_eq(hash) {
-            return Err((Error::InvalidKey, None));
-        }
+        let grace_ends = found.grace_ends();
         let key = found.key;
         let deny = |error: Error| (error, Some(key.clone()));
         // 3. A key of another tenant than expected does not exist for the caller.
@@ -754,18 +763,17 @@ impl Engine {
                 return Err((Error::InvalidKey, None));
             }
         }
-        // 4. State, expiry, grace.
-        match key.state {
+        // 4. State, expiry, grace: from the fields kept inline.
+        match found.state {
             KeyState::Active => {}
             KeyState::Revoked => return Err(deny(Error::KeyRevoked)),
             KeyState::Suspended => return Err(deny(Error::KeySuspended)),
             KeyState::Expired => return Err(deny(Error::KeyExpired)),
         }
-        let grace_ends = found.rotated.map(|r| r.grace_ends);
-        if key.expires_at.is_some_and(|at| at <= now) {
+        if found.expires_us <= now {
             return Err(deny(Error::KeyExpired));
         }
-        if grace_ends.is_some_and(|at| at <= now) {
+        if found.grace_us <= now {
             return Err(deny(Error::KeyRotated));
         }
         // 5. Policy: ip, origin, method, path, then required scopes.
@@ -784,13 +792,14 @@ impl Engine {
             }
         }
         // 6 and 7 (rate limit, quota) follow in `enforce_limits`.
-        Ok(Validation {
+        let valid = Validation {
             key,
             policy: found.policy,
             grace_ends,
             rate_limit: None,
             quota: Vec::new(),
-        })
+        };
+        Ok((valid, found.last_used_us))
     }
 
     /// Steps 6 (rate limit) and 7 (quota). A refused request consumes no
@@ -1208,21 +1217,21 @@ impl Engine {
     /// already within the coalescing interval (so hot keys cost a comparison,
     /// not a map insert). A cached key is given the new time too, so that it
     /// is noted once per interval, not at every validation.
-    fn note_use(&self, key: &ApiKey, hash: &SecretHash, now: DateTime<Utc>) {
-        let interval = self.inner.last_used_interval;
-        if key
-            .last_used_at
-            .is_some_and(|at| now.signed_duration_since(at) < interval)
-        {
+    fn note_use(&self, key: &ApiKey, last_used: i64, hash: &SecretHash, now: i64) {
+        let interval = self.inner.last_used_interval_us;
+        if now.saturating_sub(last_used) < interval {
             return;
         }
+        let Some(at) = DateTime::from_timestamp_micros(now) else {
+            return;
+        };
         self.inner
             .last_used
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.id, now);
+            .insert(key.id, at);
         if let Some(cache) = &self.inner.cache {
-            cache.note_used(hash, now);
+            cache.note_used(hash, at);
         }
     }
 
