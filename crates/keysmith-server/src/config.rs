@@ -103,6 +103,23 @@ pub struct Config {
     /// in-process limiter and the database's quota counts), `fail_open`
     /// (allow) or `fail_closed` (refuse with 503).
     pub redis_on_failure: keysmith::ratelimit::redis::FailureMode,
+    /// Where quotas are counted with `limits_backend = "local"`: `database`
+    /// (at every validation, in the database: exact across every node that
+    /// shares it) or `process` (in this process, next to the rate limiter,
+    /// and written to the database every second: for one node per database,
+    /// such as the SQLite default; a crash loses at most the last second's
+    /// counts).
+    pub quota_counts: QuotaCounts,
+}
+
+/// Where quotas are counted with the local limits backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaCounts {
+    /// In the database, at every validation.
+    Database,
+    /// In process, written to the database every second.
+    Process,
 }
 
 /// Where rate limits and quotas are kept.
@@ -141,6 +158,7 @@ impl Default for Config {
             redis_url: None,
             redis_timeout: HumanDuration(Duration::from_millis(250)),
             redis_on_failure: keysmith::ratelimit::redis::FailureMode::Local,
+            quota_counts: QuotaCounts::Database,
         }
     }
 }
@@ -170,6 +188,7 @@ const KNOWN: &[&str] = &[
     "redis_url",
     "redis_timeout",
     "redis_on_failure",
+    "quota_counts",
 ];
 
 /// Loads the configuration from `file` (default `keysmith.toml`, optional), the

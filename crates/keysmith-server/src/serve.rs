@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState, Limits};
-use crate::config::{Config, LimitsBackend};
+use crate::config::{Config, LimitsBackend, QuotaCounts};
 use crate::root;
 use crate::store::Opened;
 
@@ -100,6 +100,7 @@ pub async fn configured_engine(
     use keysmith::ratelimit::redis::{RedisOptions, RedisQuotaCounter, RedisRateLimiter};
 
     let store = opened.store.clone();
+    let serving = usage.is_some();
     let mut builder = hooked(store.clone());
     if let Some(feed) = &opened.feed {
         builder = builder.change_feed(feed.clone());
@@ -111,6 +112,11 @@ pub async fn configured_engine(
         }
     }
     let builder = match config.limits_backend {
+        // Counts kept in process are for the long-running server only: a CLI
+        // command counts in the database.
+        LimitsBackend::Local if serving && config.quota_counts == QuotaCounts::Process => {
+            builder.local_quota_counts()
+        }
         LimitsBackend::Local => builder,
         LimitsBackend::Redis => {
             let url = config.redis_url.as_deref().ok_or_else(|| {
@@ -167,14 +173,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         engine.clone(),
         config.sweep_interval.0,
         config.usage_retention.0,
-        stopped,
+        stopped.clone(),
     ));
+    let quota_flusher = (config.limits_backend == LimitsBackend::Local
+        && config.quota_counts == QuotaCounts::Process)
+        .then(|| tokio::spawn(flush_quota_counts(engine.clone(), stopped.clone())));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("shutting down: in-flight requests finished");
     let _ = stop.send(true);
     let _ = sweeper.await;
+    if let Some(flusher) = quota_flusher {
+        let _ = flusher.await;
+    }
     // Reported usage still queued is written before the process exits.
     usage_writer.shutdown().await;
     if let Err(error) = engine.flush_last_used().await {
@@ -182,6 +194,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     engine.shutdown().await;
     Ok(())
+}
+
+/// Writes the quota counts kept in process to the database every second
+/// (`quota_counts = "process"`), until told to stop; the engine's shutdown
+/// writes the last ones.
+async fn flush_quota_counts(engine: Engine, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(error) = engine.flush_quota_counts().await {
+            metrics::counter!("keysmith_quota_flush_failures_total").increment(1);
+            tracing::warn!(%error, "quota counts flush failed; kept for the next one");
+        }
+    }
 }
 
 /// Expiry, grace and rotation-due sweeps (with usage aggregation, the

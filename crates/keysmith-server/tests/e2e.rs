@@ -69,6 +69,11 @@ fn start(database_url: &str) -> Server {
 /// Starts `keysmith serve`; a node joining a database that already has a root
 /// key prints none and uses `root_key`.
 fn start_node(database_url: &str, root_key: Option<&str>) -> Server {
+    start_with(database_url, root_key, &[])
+}
+
+/// [`start_node`] with extra environment (configuration) variables.
+fn start_with(database_url: &str, root_key: Option<&str>, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keysmith"))
         .args([
             "serve",
@@ -78,6 +83,7 @@ fn start_node(database_url: &str, root_key: Option<&str>) -> Server {
             database_url,
         ])
         .env("KEYSMITH_LOG", "debug")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -243,6 +249,55 @@ fn stop(mut server: Server, secrets: &[String]) {
             "a raw key reached the log"
         );
     }
+}
+
+/// `quota_counts = "process"`: counted in the server, exact, and written to
+/// the database by the shutdown, so a restarted server goes on counting.
+#[test]
+fn quota_counts_kept_in_process_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("keysmith-e2e-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("keysmith.db");
+    let env = [("KEYSMITH_QUOTA_COUNTS", "process")];
+    let server = start_with(db.to_str().unwrap(), None, &env);
+    let (status, policy) = call(
+        &server,
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "q", "daily_quota": 3, "rate_limit": 1000 })),
+    );
+    assert_eq!(status, 201, "{policy}");
+    let (status, created) = call(
+        &server,
+        "POST",
+        "/v1/keys",
+        Some(json!({ "name": "q", "policy_id": policy["id"] })),
+    );
+    assert_eq!(status, 201, "{created}");
+    let raw = created["raw_key"].as_str().unwrap().to_owned();
+    let validate = |server: &Server| {
+        call(
+            server,
+            "POST",
+            "/v1/keys/validate",
+            Some(json!({ "raw_key": raw })),
+        )
+        .1
+    };
+    for used in 1..=2 {
+        assert_eq!(validate(&server)["quota"][0]["used"], used);
+    }
+    let root_key = server.root_key.clone();
+    stop(server, std::slice::from_ref(&raw));
+    let server = start_with(db.to_str().unwrap(), Some(&root_key), &env);
+    assert_eq!(
+        validate(&server)["quota"][0]["used"],
+        3,
+        "counted before the restart"
+    );
+    assert_eq!(validate(&server)["code"], "quota_exceeded");
+    stop(server, std::slice::from_ref(&raw));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

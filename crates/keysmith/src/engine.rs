@@ -18,9 +18,10 @@ use crate::model::{
     Rotation, RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
+use crate::ratelimit::local::EngineClock;
 use crate::ratelimit::{
-    LocalRateLimiter, QuotaCounter, QuotaSpec, QuotaState, RateLimitState, RateLimiter, RateSpec,
-    consume_in_store,
+    LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaSpec, QuotaState, QuotaWindow,
+    RateLimitState, RateLimiter, RateSpec,
 };
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
@@ -175,6 +176,7 @@ pub struct EngineBuilder {
     hooks: Hooks,
     rate_limiter: Option<Arc<dyn RateLimiter>>,
     quota_counter: Option<Arc<dyn QuotaCounter>>,
+    local_quota_counts: bool,
     last_used_interval: chrono::Duration,
     usage_sink: Option<UsageSink>,
     cache: Option<CacheOptions>,
@@ -198,6 +200,21 @@ impl EngineBuilder {
     /// the engine's store).
     pub fn quota_counter(mut self, counter: Arc<dyn QuotaCounter>) -> Self {
         self.quota_counter = Some(counter);
+        self.local_quota_counts = false;
+        self
+    }
+
+    /// Counts quotas in this process, exactly, next to the in-process rate
+    /// limiter (one record per key), and writes the counts to the store
+    /// behind, at every [`Engine::flush_quota_counts`] (and
+    /// [`Engine::shutdown`]). A key's counts are loaded from the store when
+    /// this process first needs them, so they survive a restart; what a
+    /// crash loses is what was counted since the last flush. For one node
+    /// per store only: several nodes sharing a database must count in it
+    /// (the default) or in Redis.
+    pub fn local_quota_counts(mut self) -> Self {
+        self.local_quota_counts = true;
+        self.quota_counter = None;
         self
     }
 
@@ -246,12 +263,14 @@ impl EngineBuilder {
         // The defaults are called directly, without a boxed future each.
         let rate_limiter = match self.rate_limiter {
             Some(limiter) => Rates::Custom(limiter),
-            None => Rates::Local(LocalRateLimiter::default()),
+            None => Rates::Local,
         };
         let quota_counter = match self.quota_counter {
             Some(counter) => Quotas::Custom(counter),
+            None if self.local_quota_counts => Quotas::Local,
             None => Quotas::Store,
         };
+        let local = LocalRateLimiter::new(EngineClock(self.clock.clone()), 100_000);
         let cache = self.cache.map(|o| Arc::new(ValidationCache::new(o)));
         let mut follower = None;
         if let (Some(cache), Some(feed)) = (&cache, &self.change_feed) {
@@ -276,6 +295,7 @@ impl EngineBuilder {
                 hooks: self.hooks,
                 rate_limiter,
                 quota_counter,
+                local,
                 last_used: LastUsed::default(),
                 last_used_interval_us: self
                     .last_used_interval
@@ -322,6 +342,8 @@ struct Inner {
     hooks: Hooks,
     rate_limiter: Rates,
     quota_counter: Quotas,
+    /// In-process rate limits, and quota counts when they are kept here.
+    local: LocalRateLimiter<EngineClock>,
     /// Keys used since the last flush, with when: written behind, one store
     /// write per key per flush, never one per request.
     last_used: LastUsed,
@@ -346,18 +368,20 @@ impl Drop for Inner {
     }
 }
 
-/// The engine's rate limiter: the in-process default, or one it was given.
+/// The engine's rate limiter: the in-process default (the engine's
+/// `local`), or one it was given.
 #[derive(Debug)]
 enum Rates {
-    Local(LocalRateLimiter),
+    Local,
     Custom(Arc<dyn RateLimiter>),
 }
 
-/// The engine's quota counter: the store's counts (the default), or one it
-/// was given.
+/// The engine's quota counter: the store's counts (the default), counts in
+/// process written behind (the engine's `local`), or one it was given.
 #[derive(Debug)]
 enum Quotas {
     Store,
+    Local,
     Custom(Arc<dyn QuotaCounter>),
 }
 
@@ -373,6 +397,7 @@ impl Engine {
             hooks: Hooks::default(),
             rate_limiter: None,
             quota_counter: None,
+            local_quota_counts: false,
             last_used_interval: chrono::Duration::seconds(60),
             usage_sink: None,
             cache: None,
@@ -702,8 +727,7 @@ impl Engine {
             Ok((valid, last_used))
                 if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) =>
             {
-                let at = DateTime::from_timestamp_micros(now).unwrap_or_default();
-                match self.enforce_limits(valid, request, at).await? {
+                match self.enforce_limits(valid, request, now).await? {
                     Ok(valid) => Ok((valid, last_used)),
                     Err(refusal) => Err(refusal),
                 }
@@ -808,15 +832,40 @@ impl Engine {
         &self,
         mut valid: Validation,
         request: &RequestContext,
-        now: DateTime<Utc>,
+        now_us: i64,
     ) -> Result<std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)>> {
-        let Some(policy) = valid.policy.clone() else {
+        let Some(policy) = valid.policy.as_deref() else {
             return Ok(Ok(valid));
         };
+        let (rate, quota) = (RateSpec::of(&policy.spec), QuotaSpec::of(&policy.spec));
+        let now = || DateTime::from_timestamp_micros(now_us).unwrap_or_default();
         let cost = request.cost.max(1);
-        if let Some(spec) = RateSpec::of(&policy.spec) {
+        let unused = QuotaWindow {
+            period: crate::model::UsagePeriod::Day,
+            start: DateTime::UNIX_EPOCH,
+            end: DateTime::UNIX_EPOCH,
+            limit: 0,
+        };
+        let mut buf = [unused; 2];
+        let windows = quota.map(|q| q.windows_at(now_us, &mut buf));
+        let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
+        let mut counted = None;
+        if let Some(spec) = rate {
             let state = match &self.inner.rate_limiter {
-                Rates::Local(local) => local.check_now(&valid.key.id, &spec, cost)?,
+                // With quotas counted in process too: one record, one step.
+                Rates::Local => {
+                    let windows =
+                        windows.filter(|_| matches!(self.inner.quota_counter, Quotas::Local));
+                    let (state, decision) = self.inner.local.check_and_count(
+                        &valid.key.id,
+                        &spec,
+                        windows,
+                        cost,
+                        local_now,
+                    )?;
+                    counted = decision;
+                    state
+                }
                 Rates::Custom(limiter) => limiter.check(&valid.key.id, &spec, cost).await?,
             };
             valid.rate_limit = Some(state);
@@ -829,23 +878,85 @@ impl Engine {
                 )));
             }
         }
-        if let Some(spec) = QuotaSpec::of(&policy.spec) {
-            let decision = match &self.inner.quota_counter {
-                Quotas::Store => {
-                    consume_in_store(&*self.inner.store, &valid.key.id, &spec, cost, now).await?
-                }
-                Quotas::Custom(counter) => counter.consume(&valid.key.id, &spec, cost, now).await?,
+        if let (Some(spec), Some(windows)) = (quota, windows) {
+            let key = &valid.key.id;
+            let decision = match (counted, &self.inner.quota_counter) {
+                (Some(decision), _) => decision,
+                (None, Quotas::Store) => self.inner.store.consume_quota(key, windows, cost).await?,
+                (None, Quotas::Local) => self.count_locally(key, windows, cost, local_now).await?,
+                (None, Quotas::Custom(counter)) => counter.consume(key, &spec, cost, now()).await?,
             };
             if !decision.allowed {
                 run_hooks!(self.hooks(), "quota_exceeded", |h| h
                     .quota_exceeded(&valid.key));
-                let resets_at = decision.resets_at().unwrap_or(now);
+                let resets_at = decision.resets_at().unwrap_or_else(now);
                 return Ok(Err((Error::QuotaExceeded { resets_at }, Some(valid.key))));
             }
             valid.quota = decision.windows;
         }
         // 8. Accepted. `last_used_at` is written behind by the usage pipeline.
         Ok(Ok(valid))
+    }
+
+    /// Counts in process ([`EngineBuilder::local_quota_counts`]), loading the
+    /// windows' counts from the store first when this process does not hold
+    /// them.
+    async fn count_locally(
+        &self,
+        key: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+        now: u64,
+    ) -> Result<QuotaDecision> {
+        let local = &self.inner.local;
+        for _ in 0..3 {
+            if let Some(decision) = local.count_now(key, windows, cost, now) {
+                return Ok(decision);
+            }
+            // Reads the counts (a zero cost counts nothing).
+            let stored = self.inner.store.consume_quota(key, windows, 0).await?;
+            let used: Vec<u64> = stored.windows.iter().map(|w| w.used).collect();
+            local.seed_counts(key, windows, &used, now);
+        }
+        // Evicted between loading and counting three times over (a map far
+        // too small for the traffic): count in the store itself, exactly.
+        self.inner.store.consume_quota(key, windows, cost).await
+    }
+
+    /// Writes the quota units counted in process since the last flush to the
+    /// store ([`EngineBuilder::local_quota_counts`]); run it on a short
+    /// interval (the server does, every second): what a crash loses is what
+    /// was counted since. Returns how many windows were written. Units that
+    /// could not be written are kept for the next flush.
+    pub async fn flush_quota_counts(&self) -> Result<usize> {
+        let mut units = self.inner.local.take_unflushed();
+        if units.is_empty() {
+            return Ok(0);
+        }
+        // One write per key and window.
+        units.sort_by_key(|u| (u.0, u.1, u.2));
+        units.dedup_by(|later, first| {
+            let same = (later.0, later.1, later.2) == (first.0, first.1, first.2);
+            if same {
+                first.3 += later.3;
+            }
+            same
+        });
+        let total = units.len();
+        while let Some(&(key, period, start, n)) = units.last() {
+            let window = QuotaWindow {
+                period,
+                start,
+                end: start,
+                limit: u64::MAX,
+            };
+            if let Err(error) = self.inner.store.consume_quota(&key, &[window], n).await {
+                self.inner.local.restore_unflushed(units);
+                return Err(error);
+            }
+            units.pop();
+        }
+        Ok(total)
     }
 
     // -------------------------------------------------------------- policies
@@ -1302,8 +1413,12 @@ impl Engine {
         Ok(due.len())
     }
 
-    /// Tells the hooks the engine is stopping.
+    /// Writes the quota counts kept in process, then tells the hooks the
+    /// engine is stopping.
     pub async fn shutdown(&self) {
+        if let Err(error) = self.flush_quota_counts().await {
+            tracing::warn!(%error, "quota counts could not be written at shutdown");
+        }
         run_hooks!(self.hooks(), "shutdown", |h| h.shutdown());
     }
 }

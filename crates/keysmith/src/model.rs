@@ -484,6 +484,7 @@ impl KeyFilter {
     }
 
     /// `search` as a `LIKE` pattern (`%text%`, escaped with `\`).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn search_pattern(&self) -> Option<String> {
         self.search
             .as_deref()
@@ -492,6 +493,7 @@ impl KeyFilter {
 }
 
 /// Escapes `LIKE` wildcards (`%`, `_`) and the escape character `\` itself.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn escape_like(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {

@@ -1,44 +1,139 @@
-//! The in-process rate limiter: GCRA per key with `governor`.
+//! The in-process rate limiter (GCRA per key), which also keeps quota counts
+//! in process when the engine counts them there
+//! ([`EngineBuilder::local_quota_counts`](crate::EngineBuilder::local_quota_counts)).
+//!
+//! One record of 64 bytes per key holds both: the GCRA's theoretical arrival
+//! time and each quota window's count. A validation under a rate limit and
+//! quotas reads that one record, in one shard's map, under one lock. The
+//! GCRA is written here rather than taken from `governor` (whose clocks it
+//! still uses) because a `governor` limiter per key is a struct of about a
+//! hundred bytes with its own clock, and a separate record for the quota
+//! counts would be a second memory access per validation: at tens of
+//! thousands of keys, each such access is a cache miss that costs more than
+//! the rest of the rate limit.
 
 use std::collections::HashMap;
-
-use foldhash::fast::RandomState;
 use std::fmt;
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use foldhash::fast::RandomState;
 use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter as Governor};
 
-use super::{RateLimitState, RateLimiter, RateSpec};
+use super::{QuotaDecision, QuotaWindow, RateLimitState, RateLimiter, RateSpec};
 use crate::error::{Error, Result};
 use crate::id::KeyId;
+use crate::model::UsagePeriod;
 
-type Limiter<C> = Governor<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
-
-struct Bucket<C: Clock> {
-    spec: RateSpec,
-    limiter: Limiter<C>,
-    last_used: C::Instant,
+/// A quota window's count, kept in process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Count {
+    /// The window: days since the Unix epoch, or months since year 0.
+    window: i32,
+    /// The window's count: the store's when it was loaded, plus every unit
+    /// counted here since.
+    used: u64,
+    /// Units counted here and not yet written to the store.
+    unflushed: u64,
 }
 
-/// GCRA per key, in process. Buckets of keys idle long enough to be full
-/// again are dropped when the map grows past its bound, so memory for idle
-/// keys is reclaimed without forgetting anything that matters.
+/// What this process keeps of one key: 48 bytes, 64 with its id in the map.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    /// GCRA: the theoretical arrival time of the next request, in
+    /// nanoseconds since the limiter's start (at most `now` + the burst's
+    /// worth of time). Zero when the key was never rate limited.
+    tat: u64,
+    /// Last use, in nanoseconds since the limiter's start.
+    last_used: u64,
+    /// The daily and the monthly window's counts (`window` = `i32::MIN`:
+    /// none held).
+    counts: [Count; 2],
+}
+
+const NO_COUNT: Count = Count {
+    window: i32::MIN,
+    used: 0,
+    unflushed: 0,
+};
+
+/// Units counted in process that the store has not been told of yet: (key,
+/// period, window start, units).
+pub(crate) type Unflushed = Vec<(KeyId, UsagePeriod, DateTime<Utc>, u64)>;
+
+fn slot(period: UsagePeriod) -> usize {
+    match period {
+        UsagePeriod::Day => 0,
+        UsagePeriod::Month => 1,
+    }
+}
+
+/// A window's number (see [`Count::window`]).
+fn window_number(w: &QuotaWindow) -> i32 {
+    match w.period {
+        UsagePeriod::Day => i32::try_from(w.start.timestamp().div_euclid(86_400)).unwrap_or(0),
+        UsagePeriod::Month => w.start.year() * 12 + i32::try_from(w.start.month0()).unwrap_or(0),
+    }
+}
+
+/// The first instant of a window from its number.
+fn window_start(period: UsagePeriod, window: i32) -> Option<DateTime<Utc>> {
+    match period {
+        UsagePeriod::Day => DateTime::from_timestamp(i64::from(window) * 86_400, 0),
+        UsagePeriod::Month => {
+            let month = u32::try_from(window.rem_euclid(12)).ok()? + 1;
+            Utc.with_ymd_and_hms(window.div_euclid(12), month, 1, 0, 0, 0)
+                .single()
+        }
+    }
+}
+
+type Shard = Mutex<HashMap<KeyId, Record, RandomState>>;
+
+/// The engine's clock as the limiter's: time since the Unix epoch. The
+/// engine hands the limiter the instant it read for the whole validation, so
+/// a validation reads the clock once, and a `ManualClock` drives rate limits
+/// like everything else.
+#[derive(Debug, Clone)]
+pub(crate) struct EngineClock(pub(crate) std::sync::Arc<dyn crate::clock::Clock>);
+
+impl EngineClock {
+    /// `micros` since the Unix epoch as this clock's instant (zero before it).
+    pub(crate) fn instant(micros: i64) -> Duration {
+        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+    }
+}
+
+impl Clock for EngineClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Self::instant(self.0.now_micros())
+    }
+}
+
+/// GCRA per key, in process, with bursts; and quota counts when the engine
+/// keeps them here. Records of keys idle long enough for their bucket to be
+/// full again are dropped when a shard grows past its share of the bound
+/// (their unflushed counts kept for the next flush), so memory for idle keys
+/// is reclaimed without forgetting anything that matters.
 pub struct LocalRateLimiter<C: Clock + Clone = DefaultClock> {
     clock: C,
-    max_keys: usize,
-    buckets: Mutex<HashMap<KeyId, Bucket<C>, RandomState>>,
+    start: C::Instant,
+    /// Records held at most per shard.
+    per_shard: usize,
+    shards: Box<[Shard]>,
+    /// Unflushed counts of records dropped or windows rolled over, until the
+    /// next flush.
+    pending: Mutex<Unflushed>,
 }
 
 impl<C: Clock + Clone> fmt::Debug for LocalRateLimiter<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalRateLimiter")
-            .field("max_keys", &self.max_keys)
+            .field("max_keys", &(self.per_shard * self.shards.len()))
             .finish_non_exhaustive()
     }
 }
@@ -49,124 +144,314 @@ impl Default for LocalRateLimiter {
     }
 }
 
+/// The result of taking capacity from a bucket.
+struct Taken {
+    state: RateLimitState,
+    /// The new theoretical arrival time, when allowed.
+    tat: Option<u64>,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn secs_ceil_ns(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+/// GCRA: `cost` requests at `now` against a bucket whose theoretical arrival
+/// time is `tat`. Each request takes one emission interval `t` (window /
+/// limit); the bucket holds `burst` of them (`tau` = `t` × `burst`).
+fn gcra(spec: &RateSpec, tat: u64, now: u64, cost: u64) -> Result<Taken> {
+    if spec.burst == 0 {
+        return Err(Error::invalid_input("burst_limit", "must be at least 1"));
+    }
+    let t = nanos(spec.emission_interval()).max(1);
+    let tau = t.saturating_mul(spec.burst);
+    let refused = |retry_after_ns: u64| Taken {
+        state: RateLimitState {
+            allowed: false,
+            limit: spec.limit,
+            remaining: 0,
+            reset_secs: secs_ceil_ns(tat.max(now) - now),
+            retry_after_secs: Some(secs_ceil_ns(retry_after_ns).max(1)),
+        },
+        tat: None,
+    };
+    if cost > spec.burst {
+        // Never fits: the whole window is the honest wait.
+        return Ok(refused(nanos(spec.window)));
+    }
+    let new_tat = tat.max(now).saturating_add(t.saturating_mul(cost));
+    let limit_at = now.saturating_add(tau);
+    if new_tat > limit_at {
+        return Ok(refused(new_tat - limit_at));
+    }
+    Ok(Taken {
+        state: RateLimitState {
+            allowed: true,
+            limit: spec.limit,
+            remaining: (limit_at - new_tat) / t,
+            reset_secs: secs_ceil_ns(new_tat - now),
+            retry_after_secs: None,
+        },
+        tat: Some(new_tat),
+    })
+}
+
 impl<C: Clock + Clone> LocalRateLimiter<C> {
     /// A limiter reading time from `clock` (a `governor` clock:
-    /// `FakeRelativeClock` in tests), keeping at most about `max_keys` buckets.
+    /// `FakeRelativeClock` in tests), keeping at most about `max_keys` keys.
     pub fn new(clock: C, max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        // Shards spread the lock over the workers; a small bound keeps one
+        // shard so that it is exact.
+        let shards = if max_keys >= 16 * 1024 { 16 } else { 1 };
         Self {
+            start: clock.now(),
             clock,
-            max_keys: max_keys.max(1),
-            buckets: Mutex::new(HashMap::default()),
+            per_shard: max_keys / shards,
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            pending: Mutex::new(Vec::new()),
         }
     }
 
-    /// How many keys have a bucket now.
+    /// How many keys have a rate-limit bucket now.
     pub fn tracked_keys(&self) -> usize {
-        self.lock().len()
+        self.shards
+            .iter()
+            .map(|s| lock(s).values().filter(|r| r.tat > 0).count())
+            .sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, Bucket<C>, RandomState>> {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
+    fn now(&self) -> u64 {
+        self.elapsed(self.clock.now())
     }
 
-    /// Runs `check` on the key's bucket (made for `spec` when the key has
-    /// none, or one for another spec), under the map's lock.
-    fn with_limiter<T>(
+    /// `at` as this limiter counts time: nanoseconds since it started.
+    pub(crate) fn elapsed(&self, at: C::Instant) -> u64 {
+        at.duration_since(self.start).as_u64()
+    }
+
+    fn shard(&self, key: &KeyId) -> &Shard {
+        // UUIDv7: the last bytes are random.
+        let byte = key.uuid().as_bytes()[15];
+        &self.shards[usize::from(byte) % self.shards.len()]
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Unflushed> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key's record in its shard, made when it has none. When the shard
+    /// is full, records idle for long enough are dropped first (their
+    /// unflushed counts kept for the next flush).
+    fn record<'a>(
         &self,
+        shard: &'a mut HashMap<KeyId, Record, RandomState>,
         key: &KeyId,
-        spec: &RateSpec,
-        check: impl FnOnce(&Limiter<C>) -> T,
-    ) -> Result<T> {
-        let now = self.clock.now();
-        let mut buckets = self.lock();
-        if let Some(bucket) = buckets.get_mut(key).filter(|b| b.spec == *spec) {
-            bucket.last_used = now;
-            return Ok(check(&bucket.limiter));
+        now: u64,
+    ) -> &'a mut Record {
+        if shard.len() >= self.per_shard && !shard.contains_key(key) {
+            self.make_room(shard, now);
         }
-        if buckets.len() >= self.max_keys {
-            // A bucket unused for its whole refill time is full: dropping it
-            // changes no decision.
-            buckets.retain(|_, b| {
-                let idle: Duration = now.duration_since(b.last_used).into();
-                idle < refill_time(&b.spec)
-            });
-            if buckets.len() >= self.max_keys {
-                // Every bucket is busy: forget the oldest half rather than grow.
-                let mut ages: Vec<_> = buckets.iter().map(|(k, b)| (b.last_used, *k)).collect();
-                ages.sort_by_key(|a| a.0);
-                for (_, key) in ages.into_iter().take(self.max_keys / 2 + 1) {
-                    buckets.remove(&key);
+        let record = shard.entry(*key).or_insert(Record {
+            tat: 0,
+            last_used: now,
+            counts: [NO_COUNT; 2],
+        });
+        record.last_used = now;
+        record
+    }
+
+    fn make_room(&self, shard: &mut HashMap<KeyId, Record, RandomState>, now: u64) {
+        let mut dropped = Vec::new();
+        // A bucket whose theoretical arrival time has passed is full:
+        // dropping it changes no decision; counts are reloaded from the store.
+        shard.retain(|key, r| {
+            let keep = r.tat > now;
+            if !keep {
+                dropped.push((*key, r.counts));
+            }
+            keep
+        });
+        if shard.len() >= self.per_shard {
+            // Still full of busy keys: the least recently used half goes.
+            let mut ages: Vec<_> = shard.iter().map(|(k, r)| (r.last_used, *k)).collect();
+            ages.sort_unstable();
+            for (_, key) in ages.into_iter().take(self.per_shard / 2 + 1) {
+                if let Some(r) = shard.remove(&key) {
+                    dropped.push((key, r.counts));
                 }
             }
         }
-        let burst = NonZeroU32::new(u32::try_from(spec.burst).unwrap_or(u32::MAX))
-            .ok_or_else(|| Error::invalid_input("burst_limit", "must be at least 1"))?;
-        let quota = Quota::with_period(spec.emission_interval())
-            .ok_or_else(|| Error::invalid_input("rate_limit", "too high for its window"))?
-            .allow_burst(burst);
-        let limiter = Governor::direct_with_clock(quota, self.clock.clone())
-            .with_middleware::<StateInformationMiddleware>();
-        let answer = check(&limiter);
-        buckets.insert(
-            *key,
-            Bucket {
-                spec: *spec,
-                limiter,
-                last_used: now,
-            },
-        );
-        Ok(answer)
-    }
-
-    /// [`RateLimiter::check`] without the future: the local limiter never
-    /// waits, so the engine calls this directly.
-    pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
-        let n =
-            NonZeroU32::new(u32::try_from(cost.max(1)).unwrap_or(u32::MAX)).expect("at least 1");
-        let decision = self.with_limiter(key, spec, |limiter| limiter.check_n(n))?;
-        let interval = spec.emission_interval();
-        match decision {
-            Ok(Ok(snapshot)) => {
-                let remaining = u64::from(snapshot.remaining_burst_capacity());
-                let missing =
-                    u32::try_from(spec.burst.saturating_sub(remaining)).unwrap_or(u32::MAX);
-                Ok(RateLimitState {
-                    allowed: true,
-                    limit: spec.limit,
-                    remaining,
-                    reset_secs: secs_ceil(interval.saturating_mul(missing)),
-                    retry_after_secs: None,
-                })
+        let mut pending = self.pending();
+        for (key, counts) in dropped {
+            for (period, c) in [UsagePeriod::Day, UsagePeriod::Month]
+                .into_iter()
+                .zip(counts)
+            {
+                if let (true, Some(start)) = (c.unflushed > 0, window_start(period, c.window)) {
+                    pending.push((key, period, start, c.unflushed));
+                }
             }
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                Ok(RateLimitState {
-                    allowed: false,
-                    limit: spec.limit,
-                    remaining: 0,
-                    reset_secs: secs_ceil(refill_time(spec)),
-                    retry_after_secs: Some(secs_ceil(wait).max(1)),
-                })
-            }
-            // More than the whole burst at once can never pass.
-            Err(_) => Ok(RateLimitState {
-                allowed: false,
-                limit: spec.limit,
-                remaining: 0,
-                reset_secs: secs_ceil(refill_time(spec)),
-                retry_after_secs: Some(secs_ceil(spec.window).max(1)),
-            }),
         }
     }
+
+    /// Takes `cost` from the key's bucket for `spec`, then, if the request is
+    /// allowed and `windows` are given, counts it in them as
+    /// [`count_now`](Self::count_now) does (`None` there when they need
+    /// loading); one record, under one lock.
+    fn check_in(
+        &self,
+        key: &KeyId,
+        spec: &RateSpec,
+        cost: u64,
+        windows: Option<&[QuotaWindow]>,
+        now: u64,
+    ) -> Result<(RateLimitState, Option<QuotaDecision>)> {
+        let cost = cost.max(1);
+        let mut shard = lock(self.shard(key));
+        let record = self.record(&mut shard, key, now);
+        let taken = gcra(spec, record.tat, now, cost)?;
+        if let Some(tat) = taken.tat {
+            record.tat = tat;
+        }
+        let counted = match windows {
+            Some(windows) if taken.state.allowed => count_in(record, windows, cost),
+            _ => None,
+        };
+        Ok((taken.state, counted))
+    }
+
+    /// Takes `cost` requests' worth of capacity from the key's bucket, or
+    /// refuses without taking any; never waits.
+    pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
+        self.check_in(key, spec, cost, None, self.now())
+            .map(|(state, _)| state)
+    }
+
+    /// Rate limit and quota count in one step, for the engine when it keeps
+    /// both in process: the quota decision is `None` when the request was
+    /// refused by the rate limit (nothing counted) or when a window's count
+    /// must first be loaded ([`seed_counts`](Self::seed_counts)). `now` as
+    /// [`elapsed`](Self::elapsed) gives it.
+    pub(crate) fn check_and_count(
+        &self,
+        key: &KeyId,
+        spec: &RateSpec,
+        windows: Option<&[QuotaWindow]>,
+        cost: u64,
+        now: u64,
+    ) -> Result<(RateLimitState, Option<QuotaDecision>)> {
+        self.check_in(key, spec, cost, windows, now)
+    }
+
+    /// Counts `cost` in every window if each stays within its limit, else
+    /// counts nothing and refuses; exact, under the shard's lock. `None` when
+    /// a window's count is not held here yet: load it from the store and
+    /// [`seed_counts`](Self::seed_counts).
+    pub(crate) fn count_now(
+        &self,
+        key: &KeyId,
+        windows: &[QuotaWindow],
+        cost: u64,
+        now: u64,
+    ) -> Option<QuotaDecision> {
+        let mut shard = lock(self.shard(key));
+        let record = shard.get_mut(key)?;
+        record.last_used = now;
+        count_in(record, windows, cost)
+    }
+
+    /// Holds the counts the store has for `windows` (`used`, in the same
+    /// order), unless this process already holds those windows. A window
+    /// replacing an older one of its period keeps the older one's unflushed
+    /// units for the next flush.
+    pub(crate) fn seed_counts(&self, key: &KeyId, windows: &[QuotaWindow], used: &[u64], now: u64) {
+        let mut shard = lock(self.shard(key));
+        let record = self.record(&mut shard, key, now);
+        let mut pending = self.pending();
+        for (w, &used) in windows.iter().zip(used) {
+            let number = window_number(w);
+            let held = &mut record.counts[slot(w.period)];
+            if held.window == number {
+                continue;
+            }
+            if let (true, Some(start)) = (held.unflushed > 0, window_start(w.period, held.window)) {
+                pending.push((*key, w.period, start, held.unflushed));
+            }
+            // Units of this window dropped with an evicted record and not
+            // flushed yet are not in the store's count: add them.
+            let waiting: u64 = pending
+                .iter()
+                .filter(|p| p.0 == *key && p.1 == w.period && p.2 == w.start)
+                .map(|p| p.3)
+                .sum();
+            *held = Count {
+                window: number,
+                used: used.saturating_add(waiting),
+                unflushed: 0,
+            };
+        }
+    }
+
+    /// Takes every unit counted here and not yet written to the store.
+    pub(crate) fn take_unflushed(&self) -> Unflushed {
+        let mut taken = std::mem::take(&mut *self.pending());
+        for shard in &*self.shards {
+            for (key, record) in lock(shard).iter_mut() {
+                for (period, count) in [UsagePeriod::Day, UsagePeriod::Month]
+                    .into_iter()
+                    .zip(record.counts.iter_mut())
+                {
+                    if let (true, Some(start)) =
+                        (count.unflushed > 0, window_start(period, count.window))
+                    {
+                        taken.push((*key, period, start, count.unflushed));
+                        count.unflushed = 0;
+                    }
+                }
+            }
+        }
+        taken
+    }
+
+    /// Gives back units a flush could not write, for the next one.
+    pub(crate) fn restore_unflushed(&self, units: Unflushed) {
+        self.pending().extend(units);
+    }
 }
 
-fn refill_time(spec: &RateSpec) -> Duration {
-    spec.emission_interval()
-        .saturating_mul(u32::try_from(spec.burst).unwrap_or(u32::MAX))
+fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<KeyId, Record, RandomState>> {
+    shard.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn secs_ceil(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+/// Counts `cost` in every window of `record` if all fit (`None` when one is
+/// not held).
+fn count_in(record: &mut Record, windows: &[QuotaWindow], cost: u64) -> Option<QuotaDecision> {
+    let mut used = [0u64; 2];
+    for (w, used) in windows.iter().zip(used.iter_mut()) {
+        let count = &record.counts[slot(w.period)];
+        if count.window != window_number(w) {
+            return None;
+        }
+        *used = count.used;
+    }
+    let used = &mut used[..windows.len()];
+    let fits = windows
+        .iter()
+        .zip(used.iter())
+        .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
+    if fits && cost > 0 {
+        for (w, used) in windows.iter().zip(used.iter_mut()) {
+            let count = &mut record.counts[slot(w.period)];
+            count.used += cost;
+            count.unflushed += cost;
+            *used = count.used;
+        }
+    }
+    Some(QuotaDecision::from_counts(windows, used, fits))
 }
 
 #[async_trait]
@@ -289,5 +574,44 @@ mod tests {
             }
             assert!(limiter.tracked_keys() <= 100);
         });
+    }
+
+    #[test]
+    fn counts_of_dropped_records_are_flushed_once_and_seen_when_reloaded() {
+        let limiter = LocalRateLimiter::new(FakeRelativeClock::default(), 2);
+        let now: DateTime<Utc> = "2030-05-06T07:08:09Z".parse().unwrap();
+        let day = [QuotaWindow::containing(UsagePeriod::Day, now, 10)];
+        let keys: Vec<KeyId> = (0..3).map(|_| KeyId::new()).collect();
+        for key in &keys {
+            assert!(
+                limiter.count_now(key, &day, 1, 0).is_none(),
+                "not loaded yet"
+            );
+            limiter.seed_counts(key, &day, &[5], 0);
+            let counted = limiter.count_now(key, &day, 1, 0).expect("loaded");
+            assert_eq!((counted.allowed, counted.windows[0].used), (true, 6));
+        }
+        // The third key made room: the others' records went, their units
+        // kept. Reloaded from a store not flushed yet, a key still counts them.
+        let dropped = keys[0];
+        assert!(limiter.count_now(&dropped, &day, 0, 0).is_none());
+        limiter.seed_counts(&dropped, &day, &[5], 0);
+        assert_eq!(
+            limiter.count_now(&dropped, &day, 0, 0).unwrap().windows[0].used,
+            6
+        );
+        // A refusal counts nothing.
+        let refused = limiter.count_now(&dropped, &day, 5, 0).unwrap();
+        assert_eq!((refused.allowed, refused.windows[0].used), (false, 6));
+        // Every unit is flushed exactly once; a failed flush gives them back.
+        let units = limiter.take_unflushed();
+        let mut per_key: Vec<(KeyId, u64)> = units.iter().map(|u| (u.0, u.3)).collect();
+        per_key.sort();
+        let mut expected: Vec<(KeyId, u64)> = keys.iter().map(|k| (*k, 1)).collect();
+        expected.sort();
+        assert_eq!(per_key, expected);
+        assert!(limiter.take_unflushed().is_empty());
+        limiter.restore_unflushed(units.clone());
+        assert_eq!(limiter.take_unflushed(), units);
     }
 }

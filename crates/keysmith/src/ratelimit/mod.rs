@@ -9,7 +9,7 @@
 //!   restart and are shared by nodes on one PostgreSQL); the `redis` feature
 //!   adds a Redis-backed counter.
 
-mod local;
+pub(crate) mod local;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -138,6 +138,58 @@ impl QuotaSpec {
         &buf[..n]
     }
 
+    /// [`windows_in`](Self::windows_in) at `now_us` (Unix microseconds), for
+    /// validation's hot path: each period's bounds are worked out once per
+    /// UTC day per thread, not at every call.
+    pub(crate) fn windows_at<'a>(
+        &self,
+        now_us: i64,
+        buf: &'a mut [QuotaWindow; 2],
+    ) -> &'a [QuotaWindow] {
+        thread_local! {
+            static CALENDAR: std::cell::Cell<Option<Calendar>> = const { std::cell::Cell::new(None) };
+        }
+        let day = now_us.div_euclid(86_400_000_000);
+        let calendar = CALENDAR.with(|cell| match cell.get() {
+            Some(calendar) if calendar.day == day => Some(calendar),
+            _ => {
+                let now = DateTime::from_timestamp_micros(now_us)?;
+                let calendar = Calendar {
+                    day,
+                    bounds: [
+                        period_bounds(UsagePeriod::Day, now),
+                        period_bounds(UsagePeriod::Month, now),
+                    ],
+                };
+                cell.set(Some(calendar));
+                Some(calendar)
+            }
+        });
+        let Some(calendar) = calendar else {
+            return &buf[..0];
+        };
+        let mut n = 0;
+        for (i, (period, limit)) in [
+            (UsagePeriod::Day, self.daily),
+            (UsagePeriod::Month, self.monthly),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(limit) = limit {
+                let (start, end) = calendar.bounds[i];
+                buf[n] = QuotaWindow {
+                    period,
+                    start,
+                    end,
+                    limit,
+                };
+                n += 1;
+            }
+        }
+        &buf[..n]
+    }
+
     /// The counting windows at `now`: each period's start, end and limit.
     pub fn windows(&self, now: DateTime<Utc>) -> Vec<QuotaWindow> {
         let mut windows = Vec::with_capacity(2);
@@ -149,6 +201,15 @@ impl QuotaSpec {
         }
         windows
     }
+}
+
+/// The day and month bounds of one UTC day.
+#[derive(Debug, Clone, Copy)]
+struct Calendar {
+    /// Days since the Unix epoch.
+    day: i64,
+    /// The day's and the month's (start, end).
+    bounds: [(DateTime<Utc>, DateTime<Utc>); 2],
 }
 
 /// One counting window of a quota: a UTC day or month.
@@ -382,11 +443,24 @@ mod tests {
                 "2030-05-01T00:00:00Z",
             ),
         ];
+        let both = QuotaSpec {
+            daily: Some(7),
+            monthly: Some(9),
+        };
         for (period, now, start, end) in cases {
             assert_eq!(
                 period_bounds(period, t(now)),
                 (t(start), t(end)),
                 "{period:?} {now}"
+            );
+            // The per-thread calendar of the hot path agrees, day after day
+            // and back again.
+            let mut a = [QuotaWindow::containing(UsagePeriod::Day, t(now), 0); 2];
+            let mut b = a;
+            assert_eq!(
+                both.windows_at(t(now).timestamp_micros(), &mut a),
+                both.windows_in(t(now), &mut b),
+                "{now}"
             );
         }
         // Not UTC-local: an instant given with an offset is counted in its UTC day.

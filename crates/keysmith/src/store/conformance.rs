@@ -31,6 +31,7 @@ use crate::model::{
     Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{Policy, PolicySpec, RequestContext};
+use crate::ratelimit::QuotaSpec;
 use crate::secret::{Environment, RawKey};
 use crate::store::{KeyUpdate, NewRotation, Store};
 
@@ -58,7 +59,8 @@ macro_rules! conformance_tests {
             engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
             engine_rate_limits_and_quotas, engine_last_used_is_written_behind_and_coalesced,
             engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period,
-            concurrent_rotation_due_claims_are_disjoint);
+            concurrent_rotation_due_claims_are_disjoint,
+            engine_local_quota_counts_are_exact_and_written_behind);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2659,6 +2661,116 @@ pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
         }
     }
     assert_eq!((allowed, refused), (100, 400), "exactly the quota");
+}
+
+/// Quotas counted in process (`EngineBuilder::local_quota_counts`): exact
+/// under concurrency, next to a rate limit or alone; written to the store only
+/// by a flush; loaded from it by a new engine (a restart); a crash loses what
+/// was counted since the last flush and nothing before; days roll over.
+pub async fn engine_local_quota_counts_are_exact_and_written_behind(store: Arc<dyn Store>) {
+    let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(23)));
+    let node = || {
+        Engine::builder(store.clone())
+            .clock(clock.clone())
+            .local_quota_counts()
+            .build()
+    };
+    let engine = node();
+    let tenant = tenant();
+    let mut policies = Vec::new();
+    for (name, rate_limit) in [("rate-and-quotas", Some(1_000_000)), ("quotas", None)] {
+        let spec = PolicySpec {
+            rate_limit,
+            daily_quota: Some(100),
+            monthly_quota: Some(1000),
+            ..policy_spec(name)
+        };
+        policies.push(engine.create_policy(&tenant, spec).await.unwrap());
+    }
+    let stored = |key: KeyId, days: i64| {
+        let store = store.clone();
+        async move {
+            let windows = QuotaSpec {
+                daily: Some(u64::MAX),
+                monthly: Some(u64::MAX),
+            }
+            .windows(at(days));
+            let counts = store.consume_quota(&key, &windows, 0).await.unwrap();
+            (counts.windows[0].used, counts.windows[1].used)
+        }
+    };
+    let mut keys = Vec::new();
+    for policy in &policies {
+        let created = engine
+            .create_key(
+                &tenant,
+                CreateKey {
+                    policy_id: Some(policy.id),
+                    ..key_request(&policy.spec.name, &[])
+                },
+            )
+            .await
+            .unwrap();
+        let raw: Arc<str> = created.raw_key.expose_secret().into();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..500 {
+            let engine = engine.clone();
+            let raw = raw.clone();
+            tasks.spawn(async move { engine.validate(&raw, &RequestContext::default()).await });
+        }
+        let (mut allowed, mut refused) = (0, 0);
+        while let Some(result) = tasks.join_next().await {
+            match result.expect("task") {
+                Ok(_) => allowed += 1,
+                Err(Error::QuotaExceeded { .. }) => refused += 1,
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            (allowed, refused),
+            (100, 400),
+            "{}: exactly the quota",
+            policy.spec.name
+        );
+        assert_eq!(stored(created.key.id, 0).await, (0, 0), "not written yet");
+        keys.push((created.key.id, raw));
+    }
+    assert_eq!(
+        engine.flush_quota_counts().await.unwrap(),
+        4,
+        "two windows per key"
+    );
+    assert_eq!(engine.flush_quota_counts().await.unwrap(), 0, "nothing new");
+    for (key, _) in &keys {
+        assert_eq!(stored(*key, 0).await, (100, 100));
+    }
+    let ctx = RequestContext::default();
+    // A restart: a new engine loads the counts.
+    let (key, raw) = keys[0].clone();
+    let restarted = node();
+    assert_denied(restarted.validate(&raw, &ctx).await, "quota_exceeded");
+    // Past midnight a new day starts; the month keeps counting.
+    clock.set(at(1));
+    let valid = restarted.validate(&raw, &ctx).await.unwrap();
+    assert_eq!((valid.quota[0].used, valid.quota[1].used), (1, 101));
+    restarted.flush_quota_counts().await.unwrap();
+    assert_eq!(
+        stored(key, 0).await,
+        (100, 101),
+        "yesterday kept, month counted"
+    );
+    assert_eq!(stored(key, 1).await, (1, 101));
+    // A crash loses what was counted since the last flush, nothing before.
+    for _ in 0..3 {
+        restarted.validate(&raw, &ctx).await.unwrap();
+    }
+    drop(restarted);
+    let after_crash = node();
+    let valid = after_crash.validate(&raw, &ctx).await.unwrap();
+    assert_eq!((valid.quota[0].used, valid.quota[1].used), (2, 102));
+    // Shutting down flushes.
+    after_crash.shutdown().await;
+    assert_eq!(stored(key, 1).await, (2, 102));
 }
 
 pub async fn engine_usage_aggregates_match_brute_force(store: Arc<dyn Store>) {
