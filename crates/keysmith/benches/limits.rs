@@ -187,6 +187,7 @@ fn paired(variants: &[(&str, &Engine, &Vec<String>)], ctx: &RequestContext) {
     };
     let (_, base_engine, base_raws) = variants[0];
     let mut base_tape = Tape::new(base_raws);
+    let mut lines = String::new();
     for (name, engine, raws) in &variants[1..] {
         let mut tape = Tape::new(raws);
         let time = |engine: &Engine, tape: &mut Tape| {
@@ -209,6 +210,11 @@ fn paired(variants: &[(&str, &Engine, &Vec<String>)], ctx: &RequestContext) {
             "paired: {name}: {subject:.0} ns vs {base:.0} ns without limits: {:+.1}% (median of {rounds})",
             (ratio - 1.0) * 100.0
         );
+        lines.push_str(&format!("{name} {subject:.0} {base:.0} {ratio:.4}\n"));
+    }
+    // scripts/bench collects them for its summary.
+    if let Ok(dir) = std::env::var("KEYSMITH_BENCH_RESULTS") {
+        std::fs::write(std::path::Path::new(&dir).join("limits_paired.txt"), lines).unwrap();
     }
 }
 

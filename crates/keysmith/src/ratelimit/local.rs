@@ -39,15 +39,19 @@ struct Count {
     unflushed: u64,
 }
 
-/// What this process keeps of one key: 48 bytes, 64 with its id in the map.
+/// What this process keeps of one key: 64 bytes, 80 with its id in the map.
 #[derive(Debug, Clone, Copy)]
 struct Record {
     /// GCRA: the theoretical arrival time of the next request, in
     /// nanoseconds since the limiter's start (at most `now` + the burst's
     /// worth of time). Zero when the key was never rate limited.
     tat: u64,
-    /// Last use, in nanoseconds since the limiter's start.
-    last_used: u64,
+    /// Last use, in seconds since the limiter's start (for dropping the
+    /// least recently used records of a shard full of busy keys).
+    last_used: u32,
+    /// Which rate limit `tat` was counted under ([`fingerprint`]): a policy
+    /// change starts a fresh bucket, as in Redis. Zero: none yet.
+    spec: u32,
     /// The daily and the monthly window's counts (`window` = `i32::MIN`:
     /// none held).
     counts: [Count; 2],
@@ -151,6 +155,20 @@ struct Taken {
     tat: Option<u64>,
 }
 
+/// A rate limit's fingerprint, never zero.
+fn fingerprint(spec: &RateSpec) -> u32 {
+    let mixed = spec.limit.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ nanos(spec.window)
+            .rotate_left(23)
+            .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ spec.burst.wrapping_mul(0x1656_67B1_9E37_79F9);
+    (mixed >> 32) as u32 | 1
+}
+
+fn seconds(ns: u64) -> u32 {
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -173,7 +191,8 @@ fn gcra(spec: &RateSpec, tat: u64, now: u64, cost: u64) -> Result<Taken> {
             allowed: false,
             limit: spec.limit,
             remaining: 0,
-            reset_secs: secs_ceil_ns(tat.max(now) - now),
+            // Refused: the bucket's whole refill time, as Redis reports it.
+            reset_secs: secs_ceil_ns(tau),
             retry_after_secs: Some(secs_ceil_ns(retry_after_ns).max(1)),
         },
         tat: None,
@@ -257,10 +276,11 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         }
         let record = shard.entry(*key).or_insert(Record {
             tat: 0,
-            last_used: now,
+            last_used: 0,
+            spec: 0,
             counts: [NO_COUNT; 2],
         });
-        record.last_used = now;
+        record.last_used = seconds(now);
         record
     }
 
@@ -313,6 +333,10 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         let cost = cost.max(1);
         let mut shard = lock(self.shard(key));
         let record = self.record(&mut shard, key, now);
+        let print = fingerprint(spec);
+        if record.spec != print {
+            (record.spec, record.tat) = (print, 0);
+        }
         let taken = gcra(spec, record.tat, now, cost)?;
         if let Some(tat) = taken.tat {
             record.tat = tat;
@@ -360,7 +384,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
     ) -> Option<QuotaDecision> {
         let mut shard = lock(self.shard(key));
         let record = shard.get_mut(key)?;
-        record.last_used = now;
+        record.last_used = seconds(now);
         count_in(record, windows, cost)
     }
 
@@ -548,6 +572,14 @@ mod tests {
             assert!(!limiter.check(&key, &s, 3).await.unwrap().allowed);
             // Another key has its own bucket.
             assert!(limiter.check(&KeyId::new(), &s, 2).await.unwrap().allowed);
+            // A refusal reports the bucket's whole refill time as its reset.
+            assert!(!limiter.check(&key, &s, 1).await.unwrap().allowed);
+            let refused = limiter.check(&key, &s, 1).await.unwrap();
+            assert_eq!(refused.reset_secs, 10);
+            // A policy change starts a fresh bucket.
+            let changed = spec(4, 10_000, 4);
+            let fresh = limiter.check(&key, &changed, 1).await.unwrap();
+            assert_eq!((fresh.allowed, fresh.remaining), (true, 3));
         });
     }
 
