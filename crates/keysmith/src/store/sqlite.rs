@@ -53,10 +53,23 @@ impl Default for SqliteOptions {
     }
 }
 
+/// Page cache of the usage writer's connection, in KiB (SQLite's default
+/// is 2000): a batch's dirty pages and the B-tree paths to them stay cached
+/// between batches instead of being read back from the OS each time.
+const USAGE_CACHE_KIB: i64 = 16 * 1024;
+
 /// A [`Store`] in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Where usage batches are written: one connection of its own for a file
+    /// database (the main pool for `:memory:` and [`SqliteStore::from_pool`]).
+    /// SQLite drops a connection's page cache whenever another connection
+    /// wrote since its last transaction, and the pool hands its connections
+    /// out in turn, so through the pool nearly every batch started cold;
+    /// through its own connection the pages a batch appends to (the ends of
+    /// the table and of each index) are still cached for the next one.
+    usage: SqlitePool,
 }
 
 impl SqliteStore {
@@ -97,14 +110,30 @@ impl SqliteStore {
         } else {
             pool.max_connections(options.max_connections.max(1))
         };
+        let usage_connect = connect
+            .clone()
+            .pragma("cache_size", format!("-{USAGE_CACHE_KIB}"));
         let pool = pool.connect_with(connect).await.map_err(Error::store)?;
-        Ok(Self { pool })
+        let usage = if memory {
+            pool.clone()
+        } else {
+            // Opened on the first batch. Writers still take turns: SQLite
+            // has one write lock, which this connection waits for like any.
+            SqlitePoolOptions::new()
+                .acquire_timeout(options.acquire_timeout)
+                .max_connections(1)
+                .connect_lazy_with(usage_connect)
+        };
+        Ok(Self { pool, usage })
     }
 
     /// Wraps a pool the application already owns. It should have foreign keys
     /// on; migrate before use.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            usage: pool.clone(),
+            pool,
+        }
     }
 
     /// Applies the embedded migrations; a no-op when the schema is current.
@@ -118,6 +147,7 @@ impl SqliteStore {
 
     /// Closes every connection.
     pub async fn close(&self) {
+        self.usage.close().await;
         self.pool.close().await;
     }
 
@@ -1195,7 +1225,11 @@ impl Store for SqliteStore {
             .iter()
             .map(|r| super::sql::to_i64("latency_ms", r.latency_ms))
             .collect::<Result<Vec<_>>>()?;
-        let mut tx = self.write().await?;
+        let mut tx = self
+            .usage
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::store)?;
         let mut done = 0;
         for rows in usage_chunks(records.len()) {
             let chunk = &records[done..done + rows];
