@@ -220,6 +220,75 @@ mod schema {
         );
     }
 
+    fn usage_record(tenant: &keysmith::Tenant, minute: i64) -> keysmith::model::UsageRecord {
+        keysmith::model::UsageRecord {
+            id: keysmith::UsageId::new(),
+            key_id: keysmith::KeyId::new(),
+            app_id: tenant.app_id.clone(),
+            tenant_id: tenant.tenant_id.clone(),
+            endpoint: "/v1/things".into(),
+            method: "GET".into(),
+            status_code: 200,
+            ip: None,
+            user_agent: None,
+            latency_ms: 1,
+            metadata: Default::default(),
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000 + minute * 60, 0).unwrap(),
+        }
+    }
+
+    /// Large batches are cut into several INSERTs (512 rows, then powers of
+    /// two): all of a batch is written, and a duplicate in its last INSERT
+    /// still refuses all of it, leaving the usage connection usable.
+    #[tokio::test]
+    async fn large_usage_batches_are_written_and_refused_whole() {
+        let path = temp_path("keys.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        let tenant = keysmith::Tenant::new("app", "t").unwrap();
+        let total = |store: SqliteStore| {
+            let tenant = tenant.clone();
+            async move {
+                store
+                    .list_usage(&tenant, &Default::default())
+                    .await
+                    .unwrap()
+                    .total
+            }
+        };
+        // 512 + 512 + 4 + 1 rows.
+        let first: Vec<_> = (0..1029).map(|i| usage_record(&tenant, i)).collect();
+        store.insert_usage(&first).await.unwrap();
+        assert_eq!(total(store.clone()).await, 1029);
+
+        let mut refused: Vec<_> = (0..700).map(|i| usage_record(&tenant, i)).collect();
+        refused.push(first[1028].clone());
+        match store.insert_usage(&refused).await {
+            Err(Error::AlreadyExists { field, .. }) => assert_eq!(field, "id"),
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+        assert_eq!(total(store.clone()).await, 1029, "nothing of it is kept");
+
+        let mut with_metadata = usage_record(&tenant, 5);
+        with_metadata
+            .metadata
+            .insert("region".into(), serde_json::json!("eu"));
+        let plain = usage_record(&tenant, 6);
+        store
+            .insert_usage(&[with_metadata.clone(), plain.clone()])
+            .await
+            .expect("the next batch goes through");
+        assert_eq!(total(store.clone()).await, 1031);
+        let window = keysmith::model::UsageFilter {
+            after: Some(with_metadata.created_at),
+            before: Some(plain.created_at + chrono::Duration::seconds(1)),
+            ..Default::default()
+        };
+        let listed = store.list_usage(&tenant, &window).await.unwrap().items;
+        assert!(listed.contains(&with_metadata) && listed.contains(&plain));
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn an_empty_path_is_refused() {
         match SqliteStore::open("").await {

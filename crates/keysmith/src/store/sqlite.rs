@@ -53,10 +53,23 @@ impl Default for SqliteOptions {
     }
 }
 
+/// Page cache of the usage writer's connection, in KiB (SQLite's default
+/// is 2000): a batch's dirty pages and the B-tree paths to them stay cached
+/// between batches instead of being read back from the OS each time.
+const USAGE_CACHE_KIB: i64 = 16 * 1024;
+
 /// A [`Store`] in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Where usage batches are written: one connection of its own for a file
+    /// database (the main pool for `:memory:` and [`SqliteStore::from_pool`]).
+    /// SQLite drops a connection's page cache whenever another connection
+    /// wrote since its last transaction, and the pool hands its connections
+    /// out in turn, so through the pool nearly every batch started cold;
+    /// through its own connection the pages a batch appends to (the ends of
+    /// the table and of each index) are still cached for the next one.
+    usage: SqlitePool,
 }
 
 impl SqliteStore {
@@ -97,14 +110,30 @@ impl SqliteStore {
         } else {
             pool.max_connections(options.max_connections.max(1))
         };
+        let usage_connect = connect
+            .clone()
+            .pragma("cache_size", format!("-{USAGE_CACHE_KIB}"));
         let pool = pool.connect_with(connect).await.map_err(Error::store)?;
-        Ok(Self { pool })
+        let usage = if memory {
+            pool.clone()
+        } else {
+            // Opened on the first batch. Writers still take turns: SQLite
+            // has one write lock, which this connection waits for like any.
+            SqlitePoolOptions::new()
+                .acquire_timeout(options.acquire_timeout)
+                .max_connections(1)
+                .connect_lazy_with(usage_connect)
+        };
+        Ok(Self { pool, usage })
     }
 
     /// Wraps a pool the application already owns. It should have foreign keys
     /// on; migrate before use.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            usage: pool.clone(),
+            pool,
+        }
     }
 
     /// Applies the embedded migrations; a no-op when the schema is current.
@@ -118,6 +147,7 @@ impl SqliteStore {
 
     /// Closes every connection.
     pub async fn close(&self) {
+        self.usage.close().await;
         self.pool.close().await;
     }
 
@@ -317,6 +347,52 @@ const USAGE_COLUMNS: &str = "id, key_id, app_id, tenant_id, endpoint, method, st
 
 const AGGREGATE_COLUMNS: &str = "key_id, app_id, tenant_id, period, period_start, request_count, \
     error_count, total_latency_ms, p50_latency_ms, p99_latency_ms";
+
+/// Rows per usage INSERT: 12 parameters each, well under SQLite's 32766.
+const USAGE_CHUNK: usize = 512;
+
+/// How a batch of `n` usage records is cut into INSERTs: full chunks, then
+/// the rest by powers of two, so that only a few distinct statements exist
+/// (each one prepared once per connection and cached) whatever the sizes of
+/// the batches.
+fn usage_chunks(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let rows = if n >= USAGE_CHUNK {
+            USAGE_CHUNK
+        } else if n > 0 {
+            1 << n.ilog2()
+        } else {
+            return None;
+        };
+        n -= rows;
+        Some(rows)
+    })
+}
+
+/// The INSERT of `rows` usage records (a size [`usage_chunks`] yields), built
+/// once.
+///
+/// `OR FAIL`, not the default `ABORT`: a multi-row INSERT that may abort
+/// half-way makes SQLite keep a statement journal (the original of every
+/// page the statement changes, spilled to a temporary file past 64 KiB),
+/// which cost a third of the ingest. With `FAIL` no journal is kept: a
+/// duplicate id stops the statement (rows it inserted before stay in the
+/// transaction), and the error drops the transaction, which rolls it all
+/// back: the batch is still refused whole.
+fn insert_usage_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=USAGE_CHUNK.ilog2())
+            .map(|bits| {
+                let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, '{}'), ?)";
+                let values = vec![row; 1 << bits].join(", ");
+                format!("INSERT OR FAIL INTO keysmith_usage ({USAGE_COLUMNS}) VALUES {values}")
+            })
+            .collect()
+    });
+    debug_assert!(rows.is_power_of_two() && rows <= USAGE_CHUNK);
+    &all[rows.ilog2() as usize]
+}
 
 fn usage_from(row: &SqliteRow) -> Result<UsageRecord> {
     let status: i64 = get(row, "status_code")?;
@@ -1143,45 +1219,46 @@ impl Store for SqliteStore {
         if records.is_empty() {
             return Ok(());
         }
-        let to_i64 = super::sql::to_i64;
-        let mut tx = self.write().await?;
-        for chunk in records.chunks(500) {
-            let mut insert =
-                QueryBuilder::new(format!("INSERT INTO keysmith_usage ({USAGE_COLUMNS}) "));
-            let mut bad = None;
-            insert.push_values(chunk, |mut row, r| {
-                let latency = to_i64("latency_ms", r.latency_ms).unwrap_or_else(|e| {
-                    bad = Some(e);
-                    0
-                });
-                // Text is bound by reference: the usage writer inserts tens
-                // of thousands of rows a second, each copy costs.
-                let metadata = if r.metadata.is_empty() {
-                    "{}".to_owned()
-                } else {
+        // Checked before the transaction: a bad record refuses the batch
+        // without taking the write lock.
+        let latencies = records
+            .iter()
+            .map(|r| super::sql::to_i64("latency_ms", r.latency_ms))
+            .collect::<Result<Vec<_>>>()?;
+        let mut tx = self
+            .usage
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::store)?;
+        let mut done = 0;
+        for rows in usage_chunks(records.len()) {
+            let chunk = &records[done..done + rows];
+            let mut insert = sqlx::query(insert_usage_sql(rows));
+            for (r, &latency) in chunk.iter().zip(&latencies[done..]) {
+                // NULL for the usual empty metadata: the statement stores
+                // '{}' for it, without a string per row.
+                let metadata = (!r.metadata.is_empty()).then(|| {
                     serde_json::to_string(&r.metadata).unwrap_or_else(|_| "{}".to_owned())
-                };
-                row.push_bind(r.id.to_string())
-                    .push_bind(r.key_id.to_string())
-                    .push_bind(r.app_id.as_str())
-                    .push_bind(r.tenant_id.as_str())
-                    .push_bind(r.endpoint.as_str())
-                    .push_bind(r.method.as_str())
-                    .push_bind(i64::from(r.status_code))
-                    .push_bind(r.ip.as_deref())
-                    .push_bind(r.user_agent.as_deref())
-                    .push_bind(latency)
-                    .push_bind(metadata)
-                    .push_bind(ts(r.created_at));
-            });
-            if let Some(error) = bad {
-                return Err(error);
+                });
+                insert = insert
+                    .bind(r.id.to_string())
+                    .bind(r.key_id.to_string())
+                    .bind(r.app_id.as_str())
+                    .bind(r.tenant_id.as_str())
+                    .bind(r.endpoint.as_str())
+                    .bind(r.method.as_str())
+                    .bind(i64::from(r.status_code))
+                    .bind(r.ip.as_deref())
+                    .bind(r.user_agent.as_deref())
+                    .bind(latency)
+                    .bind(metadata)
+                    .bind(ts(r.created_at));
             }
             insert
-                .build()
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error(ResourceKind::Usage))?;
+            done += rows;
         }
         tx.commit().await.map_err(Error::store)
     }
@@ -1388,5 +1465,31 @@ impl Store for SqliteStore {
             .map_err(Error::store)?;
         }
         tx.commit().await.map_err(Error::store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_batches_are_cut_into_few_distinct_inserts() {
+        for n in [0, 1, 2, 3, 511, 512, 513, 1029, 5000, 10_000] {
+            let sizes: Vec<usize> = usage_chunks(n).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}: {sizes:?}");
+            assert!(
+                sizes
+                    .iter()
+                    .all(|&s| s.is_power_of_two() && s <= USAGE_CHUNK),
+                "{n}: {sizes:?}"
+            );
+            assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
+        }
+        assert_eq!(usage_chunks(1029).collect::<Vec<_>>(), [512, 512, 4, 1]);
+        // Every size has its statement, with its number of parameters.
+        for bits in 0..=USAGE_CHUNK.ilog2() {
+            let rows = 1 << bits;
+            assert_eq!(insert_usage_sql(rows).matches('?').count(), rows * 12);
+        }
     }
 }
