@@ -216,7 +216,9 @@ def http_rows(label, subject, subject_name, base, base_name, targets):
 
 
 http_rows("middleware", "mw_cached", "KeysmithLayer + cache + usage (SQLite)", "mw_cached_plain",
-          "same handler unprotected", (0.80, 0.85))
+          "same handler unprotected", (0.80,))
+http_rows("middleware", "mw_layer", "KeysmithLayer + cache, no usage recorded", "mw_layer_plain",
+          "same handler unprotected", (0.85,))
 http_rows("middleware", "mw_uncached", "KeysmithLayer, no cache, + usage (SQLite)",
           "mw_uncached_plain", "same handler unprotected", ())
 for mode in ("cached", "uncached"):

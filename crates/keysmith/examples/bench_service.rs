@@ -1,7 +1,8 @@
 //! The middleware benchmark's service (scripts/bench runs it under `wrk`): one
 //! hello-world handler served twice by the same process, unprotected at
 //! `/plain` and behind [`KeysmithLayer`] at `/protected`, with usage recorded
-//! through a [`UsageWriter`] into a SQLite file store.
+//! through a [`UsageWriter`] into a SQLite file store (`KEYSMITH_BENCH_USAGE=0`:
+//! no usage recorded; `KEYSMITH_BENCH_CACHE=0`: no validation cache).
 //!
 //! `cargo run --release -p keysmith --features axum,sqlite --example
 //! bench_service -- <database path>`
@@ -57,9 +58,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     let (writer, sink) = UsageWriter::spawn(store.clone(), UsageWriterOptions::default());
-    let protected = Router::new()
-        .route("/protected", get(hello))
-        .layer(KeysmithLayer::new(engine.clone()).usage(sink.clone()));
+    // Usage is recorded for every protected request; KEYSMITH_BENCH_USAGE=0
+    // measures the layer alone (validation, answers, extensions).
+    let mut layer = KeysmithLayer::new(engine.clone());
+    if std::env::var("KEYSMITH_BENCH_USAGE").map_or(true, |v| v != "0") {
+        layer = layer.usage(sink.clone());
+    }
+    let protected = Router::new().route("/protected", get(hello)).layer(layer);
     let app = Router::new().route("/plain", get(hello)).merge(protected);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
