@@ -126,17 +126,7 @@ fn bench(c: &mut Criterion) {
     ];
     paired(&variants, &ctx);
     let mut group = c.benchmark_group("limits");
-    for (name, engine, raws) in [
-        ("policy_without_limits", &engine, &plain),
-        ("local_rate_limit_and_quotas", &engine, &with_limits),
-        ("local_rate_limit_only", &engine, &rate_only),
-        ("local_quotas_only", &engine, &quota_only),
-        (
-            "local_rate_limit_and_quotas_counted_in_store",
-            &counted_in_store,
-            &with_limits,
-        ),
-    ] {
+    for (name, engine, raws) in variants {
         let mut tape = Tape::new(raws);
         group.bench_function(name, |b| {
             b.iter(|| now(engine.validate(black_box(tape.next()), &ctx)).unwrap())

@@ -2646,8 +2646,15 @@ pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let raw: Arc<str> = created.raw_key.expose_secret().into();
+    let outcome = validate_concurrently(&engine, &raw, 500).await;
+    assert_eq!(outcome, (100, 400), "exactly the quota");
+}
+
+/// Validates `raw` `n` times at once: (allowed, refused by a quota); any
+/// other outcome fails the test.
+async fn validate_concurrently(engine: &Engine, raw: &Arc<str>, n: usize) -> (usize, usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..500 {
+    for _ in 0..n {
         let engine = engine.clone();
         let raw = raw.clone();
         tasks.spawn(async move { engine.validate(&raw, &RequestContext::default()).await });
@@ -2660,7 +2667,7 @@ pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
             Err(other) => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!((allowed, refused), (100, 400), "exactly the quota");
+    (allowed, refused)
 }
 
 /// Quotas counted in process (`EngineBuilder::local_quota_counts`): exact
@@ -2712,22 +2719,8 @@ pub async fn engine_local_quota_counts_are_exact_and_written_behind(store: Arc<d
             .await
             .unwrap();
         let raw: Arc<str> = created.raw_key.expose_secret().into();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..500 {
-            let engine = engine.clone();
-            let raw = raw.clone();
-            tasks.spawn(async move { engine.validate(&raw, &RequestContext::default()).await });
-        }
-        let (mut allowed, mut refused) = (0, 0);
-        while let Some(result) = tasks.join_next().await {
-            match result.expect("task") {
-                Ok(_) => allowed += 1,
-                Err(Error::QuotaExceeded { .. }) => refused += 1,
-                Err(other) => panic!("unexpected {other:?}"),
-            }
-        }
         assert_eq!(
-            (allowed, refused),
+            validate_concurrently(&engine, &raw, 500).await,
             (100, 400),
             "{}: exactly the quota",
             policy.spec.name
