@@ -20,13 +20,15 @@
 
 #![allow(missing_docs)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keysmith::model::{Metadata, UsageRecord};
 use keysmith::usage::{UsageWriter, UsageWriterOptions};
-use keysmith::{KeyId, Store, UsageId};
+use keysmith::{KeyId, Store};
+use support::usage_records;
 use tokio::runtime::Runtime;
 
 /// Batch sizes of the straight inserts: the writer's default, and larger.
@@ -34,29 +36,6 @@ const BATCHES: [usize; 2] = [1000, 5000];
 const WRITER_RECORDS: usize = 100_000;
 /// Rows after which the table is emptied (untimed).
 const MAX_ROWS: usize = 1_000_000;
-
-/// Records like the middleware's, over 100 keys.
-fn records(keys: &[KeyId], n: usize) -> Vec<UsageRecord> {
-    // At the stores' precision (microseconds).
-    let now =
-        chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap();
-    (0..n)
-        .map(|i| UsageRecord {
-            id: UsageId::new(),
-            key_id: keys[i % keys.len()],
-            app_id: "bench".into(),
-            tenant_id: "bench".into(),
-            endpoint: "/v1/orders".into(),
-            method: "GET".into(),
-            status_code: 200,
-            ip: Some("127.0.0.1".into()),
-            user_agent: Some("wrk/4.1".into()),
-            latency_ms: (i % 7) as u64,
-            metadata: Metadata::new(),
-            created_at: now,
-        })
-        .collect()
-}
 
 /// Runs both benchmarks of one store; `clear` empties the usage table.
 fn bench_store<C, F>(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn Store>, clear: C)
@@ -80,7 +59,7 @@ where
                         rt.block_on(clear());
                         rows = 0;
                     }
-                    let batch = records(&keys, batch_size);
+                    let batch = usage_records(&keys, batch_size);
                     let started = Instant::now();
                     rt.block_on(store.insert_usage(&batch)).unwrap();
                     spent += started.elapsed();
@@ -100,7 +79,7 @@ where
                     rt.block_on(clear());
                     rows = 0;
                 }
-                let batch = records(&keys, WRITER_RECORDS);
+                let batch = usage_records(&keys, WRITER_RECORDS);
                 let store = store.clone();
                 spent += rt.block_on(async move {
                     let started = Instant::now();

@@ -678,17 +678,16 @@ impl Engine {
     /// from the cache when it holds it, else from the store (and then
     /// cached). `now` in Unix microseconds.
     async fn lookup(&self, hash: &SecretHash, now: i64) -> Result<Option<Found>> {
-        let Some(cache) = &self.inner.cache else {
-            let found = self.inner.store.lookup(hash).await?;
-            return Ok(found.and_then(|f| Found::checked(f, hash)));
-        };
-        if let Some(found) = cache.get(hash, now) {
+        let cache = self.inner.cache.as_deref();
+        if let Some(found) = cache.and_then(|c| c.get(hash, now)) {
             return Ok(found);
         }
-        let generation = cache.generation();
+        let generation = cache.map(ValidationCache::generation);
         let found = self.inner.store.lookup(hash).await?;
         let found = found.and_then(|f| Found::checked(f, hash));
-        cache.insert(*hash, found.clone(), now, generation);
+        if let (Some(cache), Some(generation)) = (cache, generation) {
+            cache.insert(*hash, found.clone(), now, generation);
+        }
         Ok(found)
     }
 

@@ -66,3 +66,26 @@ impl Tape {
         &self.buf[start..self.ends[i]]
     }
 }
+
+/// `n` usage records like the middleware's, spread over `keys`, created a
+/// microsecond apart from now (at the stores' precision).
+pub fn usage_records(keys: &[keysmith::KeyId], n: usize) -> Vec<keysmith::model::UsageRecord> {
+    let now =
+        chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap();
+    (0..n)
+        .map(|i| keysmith::model::UsageRecord {
+            id: keysmith::UsageId::new(),
+            key_id: keys[i % keys.len()],
+            app_id: "bench".into(),
+            tenant_id: "bench".into(),
+            endpoint: "/v1/orders".into(),
+            method: "GET".into(),
+            status_code: 200,
+            ip: Some("127.0.0.1".into()),
+            user_agent: Some("wrk/4.1".into()),
+            latency_ms: (i % 7) as u64,
+            metadata: keysmith::model::Metadata::new(),
+            created_at: now + chrono::Duration::microseconds(i as i64),
+        })
+        .collect()
+}

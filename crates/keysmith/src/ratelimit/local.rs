@@ -67,6 +67,17 @@ const NO_COUNT: Count = Count {
 /// period, window start, units).
 pub(crate) type Unflushed = Vec<(KeyId, UsagePeriod, DateTime<Utc>, u64)>;
 
+/// The periods of [`Record::counts`], in slot order.
+const PERIODS: [UsagePeriod; 2] = [UsagePeriod::Day, UsagePeriod::Month];
+
+/// Moves `count`'s unflushed units (of `key`'s `period`) into `into`.
+fn take_units(key: &KeyId, period: UsagePeriod, count: &mut Count, into: &mut Unflushed) {
+    if let (true, Some(start)) = (count.unflushed > 0, window_start(period, count.window)) {
+        into.push((*key, period, start, count.unflushed));
+        count.unflushed = 0;
+    }
+}
+
 fn slot(period: UsagePeriod) -> usize {
     match period {
         UsagePeriod::Day => 0,
@@ -306,28 +317,27 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
             }
         }
         let mut pending = self.pending();
-        for (key, counts) in dropped {
-            for (period, c) in [UsagePeriod::Day, UsagePeriod::Month]
-                .into_iter()
-                .zip(counts)
-            {
-                if let (true, Some(start)) = (c.unflushed > 0, window_start(period, c.window)) {
-                    pending.push((key, period, start, c.unflushed));
-                }
+        for (key, mut counts) in dropped {
+            for (period, count) in PERIODS.into_iter().zip(counts.iter_mut()) {
+                take_units(&key, period, count, &mut pending);
             }
         }
     }
 
     /// Takes `cost` from the key's bucket for `spec`, then, if the request is
     /// allowed and `windows` are given, counts it in them as
-    /// [`count_now`](Self::count_now) does (`None` there when they need
-    /// loading); one record, under one lock.
-    fn check_in(
+    /// [`count_now`](Self::count_now) does; one record, under one lock, for
+    /// the engine when it keeps both in process. The quota decision is `None`
+    /// when the request was refused by the rate limit (nothing counted) or
+    /// when a window's count must first be loaded
+    /// ([`seed_counts`](Self::seed_counts)). `now` as
+    /// [`elapsed`](Self::elapsed) gives it.
+    pub(crate) fn check_and_count(
         &self,
         key: &KeyId,
         spec: &RateSpec,
-        cost: u64,
         windows: Option<&[QuotaWindow]>,
+        cost: u64,
         now: u64,
     ) -> Result<(RateLimitState, Option<QuotaDecision>)> {
         let cost = cost.max(1);
@@ -351,24 +361,8 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
     /// Takes `cost` requests' worth of capacity from the key's bucket, or
     /// refuses without taking any; never waits.
     pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
-        self.check_in(key, spec, cost, None, self.now())
+        self.check_and_count(key, spec, None, cost, self.now())
             .map(|(state, _)| state)
-    }
-
-    /// Rate limit and quota count in one step, for the engine when it keeps
-    /// both in process: the quota decision is `None` when the request was
-    /// refused by the rate limit (nothing counted) or when a window's count
-    /// must first be loaded ([`seed_counts`](Self::seed_counts)). `now` as
-    /// [`elapsed`](Self::elapsed) gives it.
-    pub(crate) fn check_and_count(
-        &self,
-        key: &KeyId,
-        spec: &RateSpec,
-        windows: Option<&[QuotaWindow]>,
-        cost: u64,
-        now: u64,
-    ) -> Result<(RateLimitState, Option<QuotaDecision>)> {
-        self.check_in(key, spec, cost, windows, now)
     }
 
     /// Counts `cost` in every window if each stays within its limit, else
@@ -402,9 +396,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
             if held.window == number {
                 continue;
             }
-            if let (true, Some(start)) = (held.unflushed > 0, window_start(w.period, held.window)) {
-                pending.push((*key, w.period, start, held.unflushed));
-            }
+            take_units(key, w.period, held, &mut pending);
             // Units of this window dropped with an evicted record and not
             // flushed yet are not in the store's count: add them.
             let waiting: u64 = pending
@@ -425,16 +417,8 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         let mut taken = std::mem::take(&mut *self.pending());
         for shard in &*self.shards {
             for (key, record) in lock(shard).iter_mut() {
-                for (period, count) in [UsagePeriod::Day, UsagePeriod::Month]
-                    .into_iter()
-                    .zip(record.counts.iter_mut())
-                {
-                    if let (true, Some(start)) =
-                        (count.unflushed > 0, window_start(period, count.window))
-                    {
-                        taken.push((*key, period, start, count.unflushed));
-                        count.unflushed = 0;
-                    }
+                for (period, count) in PERIODS.into_iter().zip(record.counts.iter_mut()) {
+                    take_units(key, period, count, &mut taken);
                 }
             }
         }
