@@ -20,8 +20,8 @@ use crate::model::{
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
 use crate::ratelimit::local::EngineClock;
 use crate::ratelimit::{
-    LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaSpec, QuotaState, QuotaWindow,
-    RateLimitState, RateLimiter, RateSpec,
+    LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaState, QuotaWindow, RateLimitState,
+    RateLimiter,
 };
 use crate::scope::{self, parent_of, validate_scope_name};
 use crate::secret::{DEFAULT_PREFIX, Environment, ParsedKey, RawKey, SecretHash, validate_prefix};
@@ -723,12 +723,12 @@ impl Engine {
         let outcome = self.check(found, request, now);
         // 6. Rate limit and 7. quota, for keys that passed everything else.
         let outcome = match outcome {
-            Ok((valid, last_used))
-                if valid.policy.as_ref().is_some_and(|p| has_limits(&p.spec)) =>
+            Ok((mut valid, last_used))
+                if valid.policy.as_ref().is_some_and(|p| p.limits().any()) =>
             {
-                match self.enforce_limits(valid, request, now).await? {
-                    Ok(valid) => Ok((valid, last_used)),
-                    Err(refusal) => Err(refusal),
+                match self.enforce_limits(&mut valid, request, now).await? {
+                    None => Ok((valid, last_used)),
+                    Some(refusal) => Err((refusal, Some(valid.key))),
                 }
             }
             other => other,
@@ -825,18 +825,28 @@ impl Engine {
         Ok((valid, found.last_used_us))
     }
 
-    /// Steps 6 (rate limit) and 7 (quota). A refused request consumes no
-    /// quota; a limiter or counter failure is an error, never a pass.
+    /// Steps 6 (rate limit) and 7 (quota) on an accepted validation: its
+    /// limits' states are filled in, or the refusal returned. A refused
+    /// request consumes no quota; a limiter or counter failure is an error,
+    /// never a pass.
     async fn enforce_limits(
         &self,
-        mut valid: Validation,
+        valid: &mut Validation,
         request: &RequestContext,
         now_us: i64,
-    ) -> Result<std::result::Result<Validation, (Error, Option<Arc<ApiKey>>)>> {
-        let Some(policy) = valid.policy.as_deref() else {
-            return Ok(Ok(valid));
+    ) -> Result<Option<Error>> {
+        // Disjoint borrows: the policy is read while the states are written.
+        let Validation {
+            key,
+            policy: Some(policy),
+            rate_limit,
+            quota,
+            ..
+        } = valid
+        else {
+            return Ok(None);
         };
-        let (rate, quota) = (RateSpec::of(&policy.spec), QuotaSpec::of(&policy.spec));
+        let limits = policy.limits();
         let now = || DateTime::from_timestamp_micros(now_us).unwrap_or_default();
         let cost = request.cost.max(1);
         let unused = QuotaWindow {
@@ -846,55 +856,48 @@ impl Engine {
             limit: 0,
         };
         let mut buf = [unused; 2];
-        let windows = quota.map(|q| q.windows_at(now_us, &mut buf));
+        let windows = limits.quota.map(|q| q.windows_at(now_us, &mut buf));
         let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
         let mut counted = None;
-        if let Some(spec) = rate {
+        if let Some((spec, plan)) = &limits.rate {
             let state = match &self.inner.rate_limiter {
                 // With quotas counted in process too: one record, one step.
                 Rates::Local => {
                     let windows =
                         windows.filter(|_| matches!(self.inner.quota_counter, Quotas::Local));
-                    let (state, decision) = self.inner.local.check_and_count(
-                        &valid.key.id,
-                        &spec,
-                        windows,
-                        cost,
-                        local_now,
-                    )?;
+                    let (state, decision) = self
+                        .inner
+                        .local
+                        .check_and_count(&key.id, plan, windows, cost, local_now);
                     counted = decision;
                     state
                 }
-                Rates::Custom(limiter) => limiter.check(&valid.key.id, &spec, cost).await?,
+                Rates::Custom(limiter) => limiter.check(&key.id, spec, cost).await?,
             };
-            valid.rate_limit = Some(state);
+            *rate_limit = Some(state);
             if !state.allowed {
-                run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(&valid.key));
+                run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(key));
                 let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
-                return Ok(Err((
-                    Error::RateLimited { retry_after, state },
-                    Some(valid.key),
-                )));
+                return Ok(Some(Error::RateLimited { retry_after, state }));
             }
         }
-        if let (Some(spec), Some(windows)) = (quota, windows) {
-            let key = &valid.key.id;
+        if let (Some(spec), Some(windows)) = (&limits.quota, windows) {
+            let id = &key.id;
             let decision = match (counted, &self.inner.quota_counter) {
                 (Some(decision), _) => decision,
-                (None, Quotas::Store) => self.inner.store.consume_quota(key, windows, cost).await?,
-                (None, Quotas::Local) => self.count_locally(key, windows, cost, local_now).await?,
-                (None, Quotas::Custom(counter)) => counter.consume(key, &spec, cost, now()).await?,
+                (None, Quotas::Store) => self.inner.store.consume_quota(id, windows, cost).await?,
+                (None, Quotas::Local) => self.count_locally(id, windows, cost, local_now).await?,
+                (None, Quotas::Custom(counter)) => counter.consume(id, spec, cost, now()).await?,
             };
             if !decision.allowed {
-                run_hooks!(self.hooks(), "quota_exceeded", |h| h
-                    .quota_exceeded(&valid.key));
+                run_hooks!(self.hooks(), "quota_exceeded", |h| h.quota_exceeded(key));
                 let resets_at = decision.resets_at().unwrap_or_else(now);
-                return Ok(Err((Error::QuotaExceeded { resets_at }, Some(valid.key))));
+                return Ok(Some(Error::QuotaExceeded { resets_at }));
             }
-            valid.quota = decision.windows;
+            *quota = decision.windows;
         }
         // 8. Accepted. `last_used_at` is written behind by the usage pipeline.
-        Ok(Ok(valid))
+        Ok(None)
     }
 
     /// Counts in process ([`EngineBuilder::local_quota_counts`]), loading the
@@ -1446,10 +1449,6 @@ pub fn percentile(sorted: &[u64], p: u32) -> u64 {
 }
 
 /// Whether a policy sets a rate limit or a quota (so validation has steps 6–7).
-fn has_limits(spec: &PolicySpec) -> bool {
-    spec.rate_limit.is_some() || spec.daily_quota.is_some() || spec.monthly_quota.is_some()
-}
-
 fn check_range(after: Option<DateTime<Utc>>, before: Option<DateTime<Utc>>) -> Result<()> {
     match (after, before) {
         (Some(a), Some(b)) if a >= b => {

@@ -16,6 +16,8 @@ use crate::duration;
 use crate::error::{Error, Result};
 use crate::id::PolicyId;
 use crate::model::{MAX_DESCRIPTION_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, Metadata, Tenant};
+use crate::ratelimit::local::Gcra;
+use crate::ratelimit::{QuotaSpec, RateSpec};
 use crate::scope;
 
 /// Most entries in one allowlist of a policy.
@@ -135,6 +137,11 @@ impl Policy {
         })
     }
 
+    /// Its rate limit and quotas, worked out for validation.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.rules.limits
+    }
+
     /// Whether the policy belongs to `tenant`.
     pub fn belongs_to(&self, tenant: &Tenant) -> bool {
         self.app_id == tenant.app_id && self.tenant_id == tenant.tenant_id
@@ -240,6 +247,35 @@ struct Rules {
     origins: Vec<OriginPattern>,
     methods: Vec<String>,
     paths: Vec<PathPattern>,
+    limits: Limits,
+}
+
+/// What validation's steps 6 (rate limit) and 7 (quota) need of a policy,
+/// worked out once when the policy is built rather than at every validation.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    /// The rate limit, as written and as GCRA counts it.
+    pub(crate) rate: Option<(RateSpec, Gcra)>,
+    /// The quotas.
+    pub(crate) quota: Option<QuotaSpec>,
+}
+
+impl Limits {
+    fn of(spec: &PolicySpec) -> Result<Self> {
+        let rate = match RateSpec::of(spec) {
+            Some(rate) => Some((rate, Gcra::of(&rate)?)),
+            None => None,
+        };
+        Ok(Self {
+            rate,
+            quota: QuotaSpec::of(spec),
+        })
+    }
+
+    /// Whether the policy sets a rate limit or a quota.
+    pub(crate) fn any(&self) -> bool {
+        self.rate.is_some() || self.quota.is_some()
+    }
 }
 
 impl Rules {
@@ -254,6 +290,7 @@ impl Rules {
             )?,
             methods: compile_list("allowed_methods", &spec.allowed_methods, parse_method)?,
             paths: compile_list("allowed_paths", &spec.allowed_paths, PathPattern::parse)?,
+            limits: Limits::of(spec)?,
         })
     }
 }

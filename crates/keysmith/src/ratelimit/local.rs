@@ -188,45 +188,74 @@ fn secs_ceil_ns(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
 }
 
+/// A rate limit as GCRA counts it, in nanoseconds: worked out once per
+/// policy ([`Policy`](crate::policy::Policy) keeps it), not at every
+/// validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gcra {
+    limit: u64,
+    burst: u64,
+    window: u64,
+    /// The emission interval: one request's worth of time (window / limit).
+    t: u64,
+    /// The bucket's size in time: `t` × `burst`.
+    tau: u64,
+    /// Which rate limit this is ([`fingerprint`]).
+    fingerprint: u32,
+}
+
+impl Gcra {
+    /// The plan of `spec`; `burst_limit` must be at least 1.
+    pub(crate) fn of(spec: &RateSpec) -> Result<Self> {
+        if spec.burst == 0 {
+            return Err(Error::invalid_input("burst_limit", "must be at least 1"));
+        }
+        let t = nanos(spec.emission_interval()).max(1);
+        Ok(Self {
+            limit: spec.limit,
+            burst: spec.burst,
+            window: nanos(spec.window),
+            t,
+            tau: t.saturating_mul(spec.burst),
+            fingerprint: fingerprint(spec),
+        })
+    }
+}
+
 /// GCRA: `cost` requests at `now` against a bucket whose theoretical arrival
 /// time is `tat`. Each request takes one emission interval `t` (window /
 /// limit); the bucket holds `burst` of them (`tau` = `t` × `burst`).
-fn gcra(spec: &RateSpec, tat: u64, now: u64, cost: u64) -> Result<Taken> {
-    if spec.burst == 0 {
-        return Err(Error::invalid_input("burst_limit", "must be at least 1"));
-    }
-    let t = nanos(spec.emission_interval()).max(1);
-    let tau = t.saturating_mul(spec.burst);
+fn gcra(g: &Gcra, tat: u64, now: u64, cost: u64) -> Taken {
     let refused = |retry_after_ns: u64| Taken {
         state: RateLimitState {
             allowed: false,
-            limit: spec.limit,
+            limit: g.limit,
             remaining: 0,
             // Refused: the bucket's whole refill time, as Redis reports it.
-            reset_secs: secs_ceil_ns(tau),
+            reset_secs: secs_ceil_ns(g.tau),
             retry_after_secs: Some(secs_ceil_ns(retry_after_ns).max(1)),
         },
         tat: None,
     };
-    if cost > spec.burst {
+    if cost > g.burst {
         // Never fits: the whole window is the honest wait.
-        return Ok(refused(nanos(spec.window)));
+        return refused(g.window);
     }
-    let new_tat = tat.max(now).saturating_add(t.saturating_mul(cost));
-    let limit_at = now.saturating_add(tau);
+    let new_tat = tat.max(now).saturating_add(g.t.saturating_mul(cost));
+    let limit_at = now.saturating_add(g.tau);
     if new_tat > limit_at {
-        return Ok(refused(new_tat - limit_at));
+        return refused(new_tat - limit_at);
     }
-    Ok(Taken {
+    Taken {
         state: RateLimitState {
             allowed: true,
-            limit: spec.limit,
-            remaining: (limit_at - new_tat) / t,
+            limit: g.limit,
+            remaining: (limit_at - new_tat) / g.t,
             reset_secs: secs_ceil_ns(new_tat - now),
             retry_after_secs: None,
         },
         tat: Some(new_tat),
-    })
+    }
 }
 
 impl<C: Clock + Clone> LocalRateLimiter<C> {
@@ -335,19 +364,18 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
     pub(crate) fn check_and_count(
         &self,
         key: &KeyId,
-        spec: &RateSpec,
+        plan: &Gcra,
         windows: Option<&[QuotaWindow]>,
         cost: u64,
         now: u64,
-    ) -> Result<(RateLimitState, Option<QuotaDecision>)> {
+    ) -> (RateLimitState, Option<QuotaDecision>) {
         let cost = cost.max(1);
         let mut shard = lock(self.shard(key));
         let record = self.record(&mut shard, key, now);
-        let print = fingerprint(spec);
-        if record.spec != print {
-            (record.spec, record.tat) = (print, 0);
+        if record.spec != plan.fingerprint {
+            (record.spec, record.tat) = (plan.fingerprint, 0);
         }
-        let taken = gcra(spec, record.tat, now, cost)?;
+        let taken = gcra(plan, record.tat, now, cost);
         if let Some(tat) = taken.tat {
             record.tat = tat;
         }
@@ -355,14 +383,14 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
             Some(windows) if taken.state.allowed => count_in(record, windows, cost),
             _ => None,
         };
-        Ok((taken.state, counted))
+        (taken.state, counted)
     }
 
     /// Takes `cost` requests' worth of capacity from the key's bucket, or
     /// refuses without taking any; never waits.
     pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
-        self.check_and_count(key, spec, None, cost, self.now())
-            .map(|(state, _)| state)
+        let plan = Gcra::of(spec)?;
+        Ok(self.check_and_count(key, &plan, None, cost, self.now()).0)
     }
 
     /// Counts `cost` in every window if each stays within its limit, else

@@ -147,27 +147,23 @@ impl QuotaSpec {
         buf: &'a mut [QuotaWindow; 2],
     ) -> &'a [QuotaWindow] {
         thread_local! {
-            static CALENDAR: std::cell::Cell<Option<Calendar>> = const { std::cell::Cell::new(None) };
+            static CALENDAR: std::cell::Cell<Calendar> = const {
+                std::cell::Cell::new(Calendar::NONE)
+            };
         }
-        let day = now_us.div_euclid(86_400_000_000);
-        let calendar = CALENDAR.with(|cell| match cell.get() {
-            Some(calendar) if calendar.day == day => Some(calendar),
-            _ => {
-                let now = DateTime::from_timestamp_micros(now_us)?;
-                let calendar = Calendar {
-                    day,
-                    bounds: [
-                        period_bounds(UsagePeriod::Day, now),
-                        period_bounds(UsagePeriod::Month, now),
-                    ],
-                };
-                cell.set(Some(calendar));
-                Some(calendar)
-            }
-        });
-        let Some(calendar) = calendar else {
-            return &buf[..0];
-        };
+        // The day held is checked by its bounds: two comparisons, no division.
+        let mut calendar = CALENDAR.get();
+        if !(calendar.day_us.0 <= now_us && now_us < calendar.day_us.1) {
+            let Some(now) = DateTime::from_timestamp_micros(now_us) else {
+                return &buf[..0];
+            };
+            let day = period_bounds(UsagePeriod::Day, now);
+            calendar = Calendar {
+                day_us: (day.0.timestamp_micros(), day.1.timestamp_micros()),
+                bounds: [day, period_bounds(UsagePeriod::Month, now)],
+            };
+            CALENDAR.set(calendar);
+        }
         let mut n = 0;
         for (i, (period, limit)) in [
             (UsagePeriod::Day, self.daily),
@@ -206,10 +202,18 @@ impl QuotaSpec {
 /// The day and month bounds of one UTC day.
 #[derive(Debug, Clone, Copy)]
 struct Calendar {
-    /// Days since the Unix epoch.
-    day: i64,
+    /// The day's [start, end) in Unix microseconds.
+    day_us: (i64, i64),
     /// The day's and the month's (start, end).
     bounds: [(DateTime<Utc>, DateTime<Utc>); 2],
+}
+
+impl Calendar {
+    /// No day held (an empty range).
+    const NONE: Self = Self {
+        day_us: (0, 0),
+        bounds: [(DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH); 2],
+    };
 }
 
 /// One counting window of a quota: a UTC day or month.
