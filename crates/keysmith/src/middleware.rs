@@ -182,12 +182,10 @@ where
                     let endpoint = request
                         .extensions()
                         .get::<axum::extract::MatchedPath>()
-                        .map_or_else(|| request.uri().path(), |m| m.as_str())
-                        .chars()
-                        .take(1024)
-                        .collect::<String>();
+                        .map_or_else(|| request.uri().path(), |m| m.as_str());
+                    let endpoint = at_most_chars(endpoint, 1024);
                     let user_agent = header_str(request.headers(), http::header::USER_AGENT)
-                        .map(|ua| ua.chars().take(512).collect::<String>());
+                        .map(|ua| at_most_chars(ua, 512));
                     request
                         .extensions_mut()
                         .insert(Authenticated(Arc::new(valid)));
@@ -217,6 +215,16 @@ where
             }
         })
     }
+}
+
+/// The first `max` characters of `text`, copied. Text of at most `max`
+/// bytes (nearly always) is copied whole without walking its characters.
+fn at_most_chars(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let end = text.char_indices().nth(max).map_or(text.len(), |(i, _)| i);
+    text[..end].to_owned()
 }
 
 /// The validated key of a request, for handlers.
@@ -490,5 +498,22 @@ fn lower(name: &'static str) -> &'static str {
         "RateLimit-Remaining" => "ratelimit-remaining",
         "RateLimit-Reset" => "ratelimit-reset",
         _ => "retry-after",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_most_chars;
+
+    #[test]
+    fn text_is_cut_at_a_number_of_characters_never_inside_one() {
+        assert_eq!(at_most_chars("/users/{id}", 1024), "/users/{id}");
+        assert_eq!(at_most_chars("abcdef", 4), "abcd");
+        // 4 characters of 2 bytes each: 8 bytes, more than 4, cut after 4
+        // characters (not 4 bytes).
+        assert_eq!(at_most_chars("éééé", 4), "éééé");
+        assert_eq!(at_most_chars("ééééé", 4), "éééé");
+        assert_eq!(at_most_chars("aé€😀b", 4), "aé€😀");
+        assert_eq!(at_most_chars("", 4), "");
     }
 }
