@@ -1448,7 +1448,6 @@ pub fn percentile(sorted: &[u64], p: u32) -> u64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-/// Whether a policy sets a rate limit or a quota (so validation has steps 6–7).
 fn check_range(after: Option<DateTime<Utc>>, before: Option<DateTime<Utc>>) -> Result<()> {
     match (after, before) {
         (Some(a), Some(b)) if a >= b => {
