@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             engine_usage_is_checked_and_recorded, engine_usage_aggregates_match_brute_force,
             engine_rate_limits_and_quotas, engine_last_used_is_written_behind_and_coalesced,
             engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period,
+            engine_rotated_secrets_share_one_bucket,
             concurrent_rotation_due_claims_are_disjoint,
             engine_local_quota_counts_are_exact_and_written_behind);
     };
@@ -2620,6 +2621,99 @@ pub async fn engine_rate_limits_and_quotas(store: Arc<dyn Store>) {
         0
     );
     assert!(fired.iter().any(|e| e.starts_with("h:validated")));
+}
+
+/// During a rotation's grace period the old and the new secret are one key:
+/// they draw from one rate-limit bucket and one quota. Checked with the
+/// validation cache and quotas counted in process, and with neither.
+pub async fn engine_rotated_secrets_share_one_bucket(store: Arc<dyn Store>) {
+    let tenant = tenant();
+    for cached in [true, false] {
+        let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(1)));
+        let mut builder = Engine::builder(store.clone()).clock(clock.clone());
+        if cached {
+            builder = builder
+                .cache(crate::cache::CacheOptions::default())
+                .local_quota_counts();
+        }
+        let engine = builder.build();
+        let policy = engine
+            .create_policy(
+                &tenant,
+                PolicySpec {
+                    // 4 per hour (a request's worth back every 15 minutes),
+                    // bursts of 4; 5 a day.
+                    rate_limit: Some(4),
+                    rate_limit_window: Some(Duration::from_secs(3600)),
+                    daily_quota: Some(5),
+                    ..policy_spec(&format!("shared-{cached}"))
+                },
+            )
+            .await
+            .unwrap();
+        let created = engine
+            .create_key(
+                &tenant,
+                CreateKey {
+                    policy_id: Some(policy.id),
+                    ..key_request("rotated", &[])
+                },
+            )
+            .await
+            .unwrap();
+        let old = created.raw_key.expose_secret().to_owned();
+        let ctx = RequestContext::default();
+        let used = |v: &crate::engine::Validation| {
+            let rate = v.rate_limit.expect("rate limit state");
+            (rate.remaining, v.quota[0].used)
+        };
+        assert_eq!(used(&engine.validate(&old, &ctx).await.unwrap()), (3, 1));
+        assert_eq!(used(&engine.validate(&old, &ctx).await.unwrap()), (2, 2));
+        let rotated = engine
+            .rotate_key(
+                &tenant,
+                &created.key.id,
+                RotateKey {
+                    grace_period: Some(Duration::from_secs(3600)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let new = rotated.raw_key.expose_secret().to_owned();
+        let context = format!("cached: {cached}");
+        assert_eq!(
+            used(&engine.validate(&new, &ctx).await.unwrap()),
+            (1, 3),
+            "{context}"
+        );
+        assert_eq!(
+            used(&engine.validate(&old, &ctx).await.unwrap()),
+            (0, 4),
+            "the old secret, in grace, draws from the same bucket: {context}"
+        );
+        assert!(
+            matches!(
+                engine.validate(&new, &ctx).await,
+                Err(Error::RateLimited { .. })
+            ),
+            "4 taken through both secrets: {context}"
+        );
+        clock.advance(Duration::from_secs(15 * 60));
+        assert_eq!(
+            used(&engine.validate(&old, &ctx).await.unwrap()),
+            (0, 5),
+            "{context}"
+        );
+        clock.advance(Duration::from_secs(15 * 60));
+        assert!(
+            matches!(
+                engine.validate(&new, &ctx).await,
+                Err(Error::QuotaExceeded { .. })
+            ),
+            "5 counted through both secrets: {context}"
+        );
+    }
 }
 
 pub async fn engine_quota_is_exact_under_concurrency(store: Arc<dyn Store>) {
