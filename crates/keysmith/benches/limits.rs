@@ -1,6 +1,7 @@
 //! The cost of rate limits and quotas: validation under a policy with a rate
 //! limit and both quotas against the same policy without them, on the memory
-//! store with the local backend (the in-process rate limiter, quotas counted
+//! store behind the validation cache (as `keysmith serve` runs) with the
+//! local backend (the in-process rate limiter, quotas counted
 //! in process and written behind: `EngineBuilder::local_quota_counts`), and
 //! with quotas counted in the store at every validation (the default, for
 //! nodes sharing a database); and, when `KEYSMITH_BENCH_REDIS_URL` is set
@@ -17,6 +18,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use keysmith::cache::CacheOptions;
 use keysmith::{CreateKey, Engine, MemoryStore, PolicySpec, RequestContext, Store, Tenant};
 use support::{Tape, now};
 
@@ -73,8 +75,17 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let engine = Engine::builder(store.clone()).local_quota_counts().build();
-    let counted_in_store = Engine::builder(store.clone()).build();
+    // With the validation cache, as `keysmith serve` runs (entries kept for
+    // the whole run: the steady state of hot keys).
+    let cache = CacheOptions {
+        ttl: std::time::Duration::from_secs(3600),
+        ..CacheOptions::default()
+    };
+    let engine = Engine::builder(store.clone())
+        .cache(cache)
+        .local_quota_counts()
+        .build();
+    let counted_in_store = Engine::builder(store.clone()).cache(cache).build();
     let (plain, with_limits) = rt.block_on(async {
         let plain = keys(
             &engine,

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,6 +32,7 @@ use crate::id::{KeyId, PolicyId};
 use crate::model::ApiKey;
 use crate::model::KeyState;
 use crate::policy::Policy;
+use crate::ratelimit::local::Record;
 use crate::secret::SecretHash;
 use crate::store::Lookup;
 
@@ -170,6 +171,49 @@ impl Found {
     }
 }
 
+/// A found key's entry: what validation reads, and the key's limits record
+/// while this entry holds it. The engine moves a key's record here from the
+/// in-process limiter at its first limited validation through this entry, so
+/// that a validation under a rate limit or quota reads the record next to
+/// what it has just read, instead of missing the cache once more in the
+/// limiter's map; the record goes back to the limiter when the entry goes.
+pub(crate) struct Entry {
+    found: Found,
+    host: Mutex<Hosted>,
+}
+
+/// The limits record an entry holds (`held`: it is the key's one record).
+struct Hosted {
+    held: bool,
+    record: Record,
+}
+
+impl Entry {
+    fn new(found: Found) -> Self {
+        Self {
+            found,
+            host: Mutex::new(Hosted {
+                held: false,
+                record: Record::EMPTY,
+            }),
+        }
+    }
+
+    /// Whether this entry may hold `key`'s limits record: it is the entry of
+    /// the only secret `key` ever had.
+    fn may_hold_limits(&self, key: &KeyId) -> bool {
+        let found = &self.found;
+        found.key.id == *key && found.key.rotated_at.is_none() && found.grace_us == i64::MAX
+    }
+
+    fn host(&self) -> std::sync::MutexGuard<'_, Hosted> {
+        self.host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where an entry's limits record goes when the entry is dropped.
+type Spill = Box<dyn Fn(&KeyId, Record) + Send + Sync>;
+
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -180,7 +224,7 @@ struct Side<V> {
     per_shard: usize,
 }
 
-impl<V: Clone> Side<V> {
+impl<V> Side<V> {
     fn new(capacity: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -206,6 +250,8 @@ impl<V: Clone> Side<V> {
     }
 
     /// Inserts under the shard's lock, if `still_valid` (checked under it).
+    /// Every value this drops (an older one for `hash`, or others to make
+    /// room) goes through `removed` first.
     fn insert(
         &self,
         hash: SecretHash,
@@ -213,6 +259,7 @@ impl<V: Clone> Side<V> {
         now: i64,
         ttl: i64,
         still_valid: impl FnOnce() -> bool,
+        removed: &mut dyn FnMut(&mut V),
     ) {
         let mut shard = self.shard(&hash).write().unwrap_or_else(|p| p.into_inner());
         if !still_valid() {
@@ -222,7 +269,13 @@ impl<V: Clone> Side<V> {
             // Full: drop what has outlived its TTL, else an arbitrary
             // sixteenth (hash order is unrelated to use), so that inserts stay
             // cheap on average.
-            shard.retain(|_, (_, at)| now.saturating_sub(*at) < ttl);
+            shard.retain(|_, (v, at)| {
+                let keep = now.saturating_sub(*at) < ttl;
+                if !keep {
+                    removed(v);
+                }
+                keep
+            });
             if shard.len() >= self.per_shard {
                 let doomed: Vec<SecretHash> = shard
                     .keys()
@@ -230,11 +283,15 @@ impl<V: Clone> Side<V> {
                     .copied()
                     .collect();
                 for h in doomed {
-                    shard.remove(&h);
+                    if let Some((mut v, _)) = shard.remove(&h) {
+                        removed(&mut v);
+                    }
                 }
             }
         }
-        shard.insert(hash, (value, now));
+        if let Some((mut old, _)) = shard.insert(hash, (value, now)) {
+            removed(&mut old);
+        }
     }
 
     /// Changes the value held for `hash`, if any (its age stays).
@@ -245,10 +302,17 @@ impl<V: Clone> Side<V> {
         }
     }
 
-    fn retain(&self, keep: impl Fn(&V) -> bool) {
+    /// Keeps the values `keep` says to; the others go through `removed`.
+    fn retain(&self, keep: impl Fn(&V) -> bool, removed: &mut dyn FnMut(&mut V)) {
         for shard in &*self.shards {
             let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, (v, _)| keep(v));
+            shard.retain(|_, (v, _)| {
+                let kept = keep(v);
+                if !kept {
+                    removed(v);
+                }
+                kept
+            });
         }
     }
 
@@ -274,7 +338,7 @@ pub(crate) struct ValidationCache {
     /// disconnected from the change feed.
     lifetimes: [(i64, i64); 2],
     /// Hashes that were found, with what was found.
-    found: Side<Found>,
+    found: Side<Entry>,
     /// Hashes that were not found.
     unknown: Side<()>,
     /// Bumped by every invalidation of found keys: a lookup that raced one
@@ -285,6 +349,9 @@ pub(crate) struct ValidationCache {
     created: AtomicU64,
     /// Whether entries may live their full TTL (no feed, or a connected one).
     fresh: AtomicBool,
+    /// Where the limits records of dropped entries go (the engine's
+    /// in-process limiter), once the engine has set it.
+    spill: OnceLock<Spill>,
 }
 
 impl fmt::Debug for ValidationCache {
@@ -311,6 +378,76 @@ impl ValidationCache {
             generation: AtomicU64::new(0),
             created: AtomicU64::new(0),
             fresh: AtomicBool::new(true),
+            spill: OnceLock::new(),
+        }
+    }
+
+    /// Sets where the limits records of dropped entries go.
+    pub(crate) fn set_spill(&self, spill: Spill) {
+        let _ = self.spill.set(spill);
+    }
+
+    /// Hands a dropped entry's limits record, if it held one, back.
+    fn spill(&self, entry: &mut Entry) {
+        let host = entry.host.get_mut().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut host.held) {
+            if let Some(spill) = self.spill.get() {
+                spill(&entry.found.key.id, host.record);
+            }
+        }
+    }
+
+    /// Runs `f` on the limits record of `key`, held by the entry of `hash`
+    /// (moved there with `take` at first use) when that entry may hold it;
+    /// else on `None`, and the caller uses the limiter's own record. Either
+    /// way under the shard's read lock: entries are made and dropped (their
+    /// records handed back) only under its write lock, so a caller given
+    /// `None` and an entry never both hold the key's record.
+    ///
+    /// Only an entry for the current secret of a key never rotated holds its
+    /// record: the key has one secret, so one entry, and every validation of
+    /// it goes through that entry or, when there is none, the limiter. A
+    /// rotated key's old and new secrets have an entry each, and share the
+    /// limiter's record. (A rotation drops the key's entries, records handed
+    /// back, before the new secret is handed out; a node that hears of it
+    /// later through the change feed may count that key's first new-secret
+    /// requests in a second record until then, and keeps both records'
+    /// unflushed quota units.)
+    pub(crate) fn with_limits<R>(
+        &self,
+        hash: &SecretHash,
+        key: &KeyId,
+        take: impl FnOnce() -> Record,
+        f: impl FnOnce(Option<&mut Record>) -> R,
+    ) -> R {
+        let shard = self
+            .found
+            .shard(hash)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        match shard.get(hash) {
+            Some((entry, _)) if entry.may_hold_limits(key) => {
+                let mut host = entry.host();
+                if !host.held {
+                    host.record = take();
+                    host.held = true;
+                }
+                f(Some(&mut host.record))
+            }
+            _ => f(None),
+        }
+    }
+
+    /// Runs `f` on every limits record the cache's entries hold.
+    pub(crate) fn for_each_held(&self, mut f: impl FnMut(&KeyId, &mut Record)) {
+        for shard in &*self.found.shards {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (entry, _) in shard.values() {
+                let mut host = entry.host();
+                if host.held {
+                    f(&entry.found.key.id, &mut host.record);
+                }
+            }
         }
     }
 
@@ -323,7 +460,10 @@ impl ValidationCache {
     /// `Some(found)` on a live entry (`Some(None)`: known not to exist);
     /// `now` in Unix microseconds.
     pub(crate) fn get(&self, hash: &SecretHash, now: i64) -> Option<Option<Found>> {
-        if let Some(found) = self.found.get(hash, now, self.ttl(true), Found::clone) {
+        if let Some(found) = self
+            .found
+            .get(hash, now, self.ttl(true), |e| e.found.clone())
+        {
             return Some(Some(found));
         }
         self.unknown.get(hash, now, self.ttl(false), |()| None)
@@ -349,14 +489,22 @@ impl ValidationCache {
     ) {
         let unchanged = || self.generation.load(Ordering::Acquire) == generation.changed;
         match found {
-            Some(found) => self
-                .found
-                .insert(hash, found, now, micros(self.options.ttl), unchanged),
-            None => self
-                .unknown
-                .insert(hash, (), now, micros(self.options.negative_ttl), || {
-                    unchanged() && self.created.load(Ordering::Acquire) == generation.created
-                }),
+            Some(found) => self.found.insert(
+                hash,
+                Entry::new(found),
+                now,
+                micros(self.options.ttl),
+                unchanged,
+                &mut |entry| self.spill(entry),
+            ),
+            None => self.unknown.insert(
+                hash,
+                (),
+                now,
+                micros(self.options.negative_ttl),
+                || unchanged() && self.created.load(Ordering::Acquire) == generation.created,
+                &mut |()| {},
+            ),
         }
     }
 
@@ -365,7 +513,8 @@ impl ValidationCache {
     /// it again at every validation within the coalescing interval.
     pub(crate) fn note_used(&self, hash: &SecretHash, now: DateTime<Utc>) {
         let now_us = now.timestamp_micros();
-        self.found.update(hash, |found| {
+        self.found.update(hash, |entry| {
+            let found = &mut entry.found;
             if found.last_used_us < now_us {
                 found.last_used_us = now_us;
                 let mut key = (*found.key).clone();
@@ -384,13 +533,16 @@ impl ValidationCache {
             _ => &self.generation,
         };
         counter.fetch_add(1, Ordering::AcqRel);
+        let spill = &mut |entry: &mut Entry| self.spill(entry);
         match change {
-            Invalidation::Key(id) => self.found.retain(|f| f.key.id != id),
-            Invalidation::Policy(id) => self.found.retain(|f| f.key.policy_id != Some(id)),
-            Invalidation::KeyCreated => self.unknown.retain(|()| false),
+            Invalidation::Key(id) => self.found.retain(|e| e.found.key.id != id, spill),
+            Invalidation::Policy(id) => self
+                .found
+                .retain(|e| e.found.key.policy_id != Some(id), spill),
+            Invalidation::KeyCreated => self.unknown.retain(|()| false, &mut |()| {}),
             Invalidation::All => {
-                self.found.retain(|_| false);
-                self.unknown.retain(|()| false);
+                self.found.retain(|_| false, spill);
+                self.unknown.retain(|()| false, &mut |()| {});
             }
         }
         counter.fetch_add(1, Ordering::AcqRel);

@@ -18,7 +18,7 @@ use crate::model::{
     Rotation, RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
 };
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
-use crate::ratelimit::local::EngineClock;
+use crate::ratelimit::local::{self, EngineClock};
 use crate::ratelimit::{
     LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaState, QuotaWindow, RateLimitState,
     RateLimiter,
@@ -270,8 +270,16 @@ impl EngineBuilder {
             None if self.local_quota_counts => Quotas::Local,
             None => Quotas::Store,
         };
-        let local = LocalRateLimiter::new(EngineClock(self.clock.clone()), 100_000);
+        let local = Arc::new(LocalRateLimiter::new(
+            EngineClock(self.clock.clone()),
+            100_000,
+        ));
         let cache = self.cache.map(|o| Arc::new(ValidationCache::new(o)));
+        if let Some(cache) = &cache {
+            // A dropped entry's limits record goes back to the limiter.
+            let limiter = local.clone();
+            cache.set_spill(Box::new(move |key, record| limiter.put_back(key, record)));
+        }
         let mut follower = None;
         if let (Some(cache), Some(feed)) = (&cache, &self.change_feed) {
             // Not fresh until the feed is connected.
@@ -342,8 +350,9 @@ struct Inner {
     hooks: Hooks,
     rate_limiter: Rates,
     quota_counter: Quotas,
-    /// In-process rate limits, and quota counts when they are kept here.
-    local: LocalRateLimiter<EngineClock>,
+    /// In-process rate limits, and quota counts when they are kept here
+    /// (each key's record here, or in its validation cache entry).
+    local: Arc<LocalRateLimiter<EngineClock>>,
     /// Keys used since the last flush, with when: written behind, one store
     /// write per key per flush, never one per request.
     last_used: LastUsed,
@@ -726,7 +735,7 @@ impl Engine {
             Ok((mut valid, last_used))
                 if valid.policy.as_ref().is_some_and(|p| p.limits().any()) =>
             {
-                match self.enforce_limits(&mut valid, request, now).await? {
+                match self.enforce_limits(&mut valid, &hash, request, now).await? {
                     None => Ok((valid, last_used)),
                     Some(refusal) => Err((refusal, Some(valid.key))),
                 }
@@ -832,6 +841,7 @@ impl Engine {
     async fn enforce_limits(
         &self,
         valid: &mut Validation,
+        hash: &SecretHash,
         request: &RequestContext,
         now_us: i64,
     ) -> Result<Option<Error>> {
@@ -865,10 +875,9 @@ impl Engine {
                 Rates::Local => {
                     let windows =
                         windows.filter(|_| matches!(self.inner.quota_counter, Quotas::Local));
-                    let (state, decision) = self
-                        .inner
-                        .local
-                        .check_and_count(&key.id, plan, windows, cost, local_now);
+                    let (state, decision) = self.on_limits_record(hash, key, local_now, |r| {
+                        local::check_in(r, plan, windows, cost, local_now)
+                    });
                     counted = decision;
                     state
                 }
@@ -886,7 +895,10 @@ impl Engine {
             let decision = match (counted, &self.inner.quota_counter) {
                 (Some(decision), _) => decision,
                 (None, Quotas::Store) => self.inner.store.consume_quota(id, windows, cost).await?,
-                (None, Quotas::Local) => self.count_locally(id, windows, cost, local_now).await?,
+                (None, Quotas::Local) => {
+                    self.count_locally(hash, key, windows, cost, local_now)
+                        .await?
+                }
                 (None, Quotas::Custom(counter)) => counter.consume(id, spec, cost, now()).await?,
             };
             if !decision.allowed {
@@ -905,24 +917,57 @@ impl Engine {
     /// them.
     async fn count_locally(
         &self,
-        key: &KeyId,
+        hash: &SecretHash,
+        key: &ApiKey,
         windows: &[QuotaWindow],
         cost: u64,
         now: u64,
     ) -> Result<QuotaDecision> {
         let local = &self.inner.local;
+        let id = &key.id;
         for _ in 0..3 {
-            if let Some(decision) = local.count_now(key, windows, cost, now) {
+            let counted = self.on_limits_record(hash, key, now, |record| {
+                local::count_now_in(record, windows, cost, now)
+            });
+            if let Some(decision) = counted {
                 return Ok(decision);
             }
             // Reads the counts (a zero cost counts nothing).
-            let stored = self.inner.store.consume_quota(key, windows, 0).await?;
+            let stored = self.inner.store.consume_quota(id, windows, 0).await?;
             let used: Vec<u64> = stored.windows.iter().map(|w| w.used).collect();
-            local.seed_counts(key, windows, &used, now);
+            self.on_limits_record(hash, key, now, |record| {
+                local.seed_in(id, record, windows, &used)
+            });
         }
         // Evicted between loading and counting three times over (a map far
         // too small for the traffic): count in the store itself, exactly.
-        self.inner.store.consume_quota(key, windows, cost).await
+        self.inner.store.consume_quota(id, windows, cost).await
+    }
+
+    /// Runs `f` on the key's in-process limits record: the one its
+    /// validation cache entry holds (moved there at first use; see
+    /// `ValidationCache::with_limits` for which entries do), else the
+    /// limiter's.
+    fn on_limits_record<R>(
+        &self,
+        hash: &SecretHash,
+        key: &ApiKey,
+        now: u64,
+        f: impl FnOnce(&mut local::Record) -> R,
+    ) -> R {
+        let limiter = &self.inner.local;
+        match self.inner.cache.as_deref() {
+            Some(cache) => cache.with_limits(
+                hash,
+                &key.id,
+                || limiter.take_record(&key.id),
+                |held| match held {
+                    Some(record) => f(record),
+                    None => limiter.with_record(&key.id, now, f),
+                },
+            ),
+            None => limiter.with_record(&key.id, now, f),
+        }
     }
 
     /// Writes the quota units counted in process since the last flush to the
@@ -932,6 +977,11 @@ impl Engine {
     /// could not be written are kept for the next flush.
     pub async fn flush_quota_counts(&self) -> Result<usize> {
         let mut units = self.inner.local.take_unflushed();
+        if let Some(cache) = &self.inner.cache {
+            cache.for_each_held(|key, record| {
+                LocalRateLimiter::<EngineClock>::take_units_of(key, record, &mut units)
+            });
+        }
         if units.is_empty() {
             return Ok(0);
         }

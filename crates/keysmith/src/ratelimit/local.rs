@@ -40,8 +40,11 @@ struct Count {
 }
 
 /// What this process keeps of one key: 64 bytes, 80 with its id in the map.
+/// It lives in the limiter's map, or, while the engine's validation cache
+/// holds the key, in the cache's entry for it (where validation reads
+/// anyway): one copy, moved between the two.
 #[derive(Debug, Clone, Copy)]
-struct Record {
+pub(crate) struct Record {
     /// GCRA: the theoretical arrival time of the next request, in
     /// nanoseconds since the limiter's start (at most `now` + the burst's
     /// worth of time). Zero when the key was never rate limited.
@@ -62,6 +65,16 @@ const NO_COUNT: Count = Count {
     used: 0,
     unflushed: 0,
 };
+
+impl Record {
+    /// A key never seen: a full bucket, no counts held.
+    pub(crate) const EMPTY: Self = Self {
+        tat: 0,
+        last_used: 0,
+        spec: 0,
+        counts: [NO_COUNT; 2],
+    };
+}
 
 /// Units counted in process that the store has not been told of yet: (key,
 /// period, window start, units).
@@ -314,14 +327,55 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         if shard.len() >= self.per_shard && !shard.contains_key(key) {
             self.make_room(shard, now);
         }
-        let record = shard.entry(*key).or_insert(Record {
-            tat: 0,
-            last_used: 0,
-            spec: 0,
-            counts: [NO_COUNT; 2],
-        });
+        let record = shard.entry(*key).or_insert(Record::EMPTY);
         record.last_used = seconds(now);
         record
+    }
+
+    /// Runs `f` on the key's record in the map, made when it has none.
+    pub(crate) fn with_record<R>(
+        &self,
+        key: &KeyId,
+        now: u64,
+        f: impl FnOnce(&mut Record) -> R,
+    ) -> R {
+        let mut shard = lock(self.shard(key));
+        f(self.record(&mut shard, key, now))
+    }
+
+    /// Takes the key's record out of the map (an empty one when it has none),
+    /// for the validation cache to hold.
+    pub(crate) fn take_record(&self, key: &KeyId) -> Record {
+        lock(self.shard(key)).remove(key).unwrap_or(Record::EMPTY)
+    }
+
+    /// Puts back a record the validation cache held. Should the map hold one
+    /// for the key too (a rotation seen late on this node), the later bucket
+    /// wins and both records' unflushed units are kept for the next flush.
+    pub(crate) fn put_back(&self, key: &KeyId, mut record: Record) {
+        let mut shard = lock(self.shard(key));
+        if let Some(held) = shard.get_mut(key) {
+            let mut pending = self.pending();
+            for (period, count) in PERIODS.into_iter().zip(held.counts.iter_mut()) {
+                take_units(key, period, count, &mut pending);
+            }
+            if held.spec == record.spec {
+                record.tat = record.tat.max(held.tat);
+            }
+            *held = record;
+            return;
+        }
+        if shard.len() >= self.per_shard {
+            self.make_room(&mut shard, self.now());
+        }
+        shard.insert(*key, record);
+    }
+
+    /// Moves `record`'s unflushed units (of `key`) into `into`.
+    pub(crate) fn take_units_of(key: &KeyId, record: &mut Record, into: &mut Unflushed) {
+        for (period, count) in PERIODS.into_iter().zip(record.counts.iter_mut()) {
+            take_units(key, period, count, into);
+        }
     }
 
     fn make_room(&self, shard: &mut HashMap<KeyId, Record, RandomState>, now: u64) {
@@ -353,13 +407,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         }
     }
 
-    /// Takes `cost` from the key's bucket for `spec`, then, if the request is
-    /// allowed and `windows` are given, counts it in them as
-    /// [`count_now`](Self::count_now) does; one record, under one lock, for
-    /// the engine when it keeps both in process. The quota decision is `None`
-    /// when the request was refused by the rate limit (nothing counted) or
-    /// when a window's count must first be loaded
-    /// ([`seed_counts`](Self::seed_counts)). `now` as
+    /// [`check_in`] on the key's record in the map. `now` as
     /// [`elapsed`](Self::elapsed) gives it.
     pub(crate) fn check_and_count(
         &self,
@@ -369,21 +417,9 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         cost: u64,
         now: u64,
     ) -> (RateLimitState, Option<QuotaDecision>) {
-        let cost = cost.max(1);
-        let mut shard = lock(self.shard(key));
-        let record = self.record(&mut shard, key, now);
-        if record.spec != plan.fingerprint {
-            (record.spec, record.tat) = (plan.fingerprint, 0);
-        }
-        let taken = gcra(plan, record.tat, now, cost);
-        if let Some(tat) = taken.tat {
-            record.tat = tat;
-        }
-        let counted = match windows {
-            Some(windows) if taken.state.allowed => count_in(record, windows, cost),
-            _ => None,
-        };
-        (taken.state, counted)
+        self.with_record(key, now, |record| {
+            check_in(record, plan, windows, cost, now)
+        })
     }
 
     /// Takes `cost` requests' worth of capacity from the key's bucket, or
@@ -393,10 +429,9 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         Ok(self.check_and_count(key, &plan, None, cost, self.now()).0)
     }
 
-    /// Counts `cost` in every window if each stays within its limit, else
-    /// counts nothing and refuses; exact, under the shard's lock. `None` when
-    /// a window's count is not held here yet: load it from the store and
-    /// [`seed_counts`](Self::seed_counts).
+    /// [`count_now_in`] on the key's record in the map; `None` when it has
+    /// none.
+    #[cfg(test)]
     pub(crate) fn count_now(
         &self,
         key: &KeyId,
@@ -405,18 +440,26 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         now: u64,
     ) -> Option<QuotaDecision> {
         let mut shard = lock(self.shard(key));
-        let record = shard.get_mut(key)?;
-        record.last_used = seconds(now);
-        count_in(record, windows, cost)
+        count_now_in(shard.get_mut(key)?, windows, cost, now)
+    }
+
+    /// [`seed_in`](Self::seed_in) on the key's record in the map.
+    #[cfg(test)]
+    pub(crate) fn seed_counts(&self, key: &KeyId, windows: &[QuotaWindow], used: &[u64], now: u64) {
+        self.with_record(key, now, |record| self.seed_in(key, record, windows, used));
     }
 
     /// Holds the counts the store has for `windows` (`used`, in the same
-    /// order), unless this process already holds those windows. A window
-    /// replacing an older one of its period keeps the older one's unflushed
-    /// units for the next flush.
-    pub(crate) fn seed_counts(&self, key: &KeyId, windows: &[QuotaWindow], used: &[u64], now: u64) {
-        let mut shard = lock(self.shard(key));
-        let record = self.record(&mut shard, key, now);
+    /// order) in `key`'s record, unless it already holds those windows. A
+    /// window replacing an older one of its period keeps the older one's
+    /// unflushed units for the next flush.
+    pub(crate) fn seed_in(
+        &self,
+        key: &KeyId,
+        record: &mut Record,
+        windows: &[QuotaWindow],
+        used: &[u64],
+    ) {
         let mut pending = self.pending();
         for (w, &used) in windows.iter().zip(used) {
             let number = window_number(w);
@@ -445,9 +488,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         let mut taken = std::mem::take(&mut *self.pending());
         for shard in &*self.shards {
             for (key, record) in lock(shard).iter_mut() {
-                for (period, count) in PERIODS.into_iter().zip(record.counts.iter_mut()) {
-                    take_units(key, period, count, &mut taken);
-                }
+                Self::take_units_of(key, record, &mut taken);
             }
         }
         taken
@@ -461,6 +502,49 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
 
 fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<KeyId, Record, RandomState>> {
     shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes `cost` from `record`'s bucket for `plan`, then, if the request is
+/// allowed and `windows` are given, counts it in them as [`count_now_in`]
+/// does: one record, under whatever lock holds it, for both. The quota
+/// decision is `None` when the request was refused by the rate limit
+/// (nothing counted) or when a window's count must first be loaded
+/// ([`LocalRateLimiter::seed_in`]).
+pub(crate) fn check_in(
+    record: &mut Record,
+    plan: &Gcra,
+    windows: Option<&[QuotaWindow]>,
+    cost: u64,
+    now: u64,
+) -> (RateLimitState, Option<QuotaDecision>) {
+    let cost = cost.max(1);
+    record.last_used = seconds(now);
+    if record.spec != plan.fingerprint {
+        (record.spec, record.tat) = (plan.fingerprint, 0);
+    }
+    let taken = gcra(plan, record.tat, now, cost);
+    if let Some(tat) = taken.tat {
+        record.tat = tat;
+    }
+    let counted = match windows {
+        Some(windows) if taken.state.allowed => count_in(record, windows, cost),
+        _ => None,
+    };
+    (taken.state, counted)
+}
+
+/// Counts `cost` in every window of `record` if each stays within its limit,
+/// else counts nothing and refuses; exact under the lock that holds the
+/// record. `None` when a window's count is not held yet: load it from the
+/// store and [`LocalRateLimiter::seed_in`].
+pub(crate) fn count_now_in(
+    record: &mut Record,
+    windows: &[QuotaWindow],
+    cost: u64,
+    now: u64,
+) -> Option<QuotaDecision> {
+    record.last_used = seconds(now);
+    count_in(record, windows, cost)
 }
 
 /// Counts `cost` in every window of `record` if all fit (`None` when one is

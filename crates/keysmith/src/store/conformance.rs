@@ -61,7 +61,8 @@ macro_rules! conformance_tests {
             engine_quota_is_exact_under_concurrency, engine_rotation_due_fires_once_per_period,
             engine_rotated_secrets_share_one_bucket,
             concurrent_rotation_due_claims_are_disjoint,
-            engine_local_quota_counts_are_exact_and_written_behind);
+            engine_local_quota_counts_are_exact_and_written_behind,
+            engine_cached_limits_records_outlive_their_entries);
     };
     (@store $make:expr; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2769,12 +2770,25 @@ async fn validate_concurrently(engine: &Engine, raw: &Arc<str>, n: usize) -> (us
 /// by a flush; loaded from it by a new engine (a restart); a crash loses what
 /// was counted since the last flush and nothing before; days roll over.
 pub async fn engine_local_quota_counts_are_exact_and_written_behind(store: Arc<dyn Store>) {
+    // Without the validation cache, and with it (each key's record then
+    // held by its cache entry).
+    for cached in [false, true] {
+        local_quota_counts_on(store.clone(), cached).await;
+    }
+}
+
+async fn local_quota_counts_on(store: Arc<dyn Store>, cached: bool) {
     let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(23)));
     let node = || {
-        Engine::builder(store.clone())
+        let builder = Engine::builder(store.clone())
             .clock(clock.clone())
-            .local_quota_counts()
-            .build()
+            .local_quota_counts();
+        if cached {
+            builder.cache(crate::cache::CacheOptions::default())
+        } else {
+            builder
+        }
+        .build()
     };
     let engine = node();
     let tenant = tenant();
@@ -2816,7 +2830,7 @@ pub async fn engine_local_quota_counts_are_exact_and_written_behind(store: Arc<d
         assert_eq!(
             validate_concurrently(&engine, &raw, 500).await,
             (100, 400),
-            "{}: exactly the quota",
+            "{}: exactly the quota (cached: {cached})",
             policy.spec.name
         );
         assert_eq!(stored(created.key.id, 0).await, (0, 0), "not written yet");
@@ -2858,6 +2872,95 @@ pub async fn engine_local_quota_counts_are_exact_and_written_behind(store: Arc<d
     // Shutting down flushes.
     after_crash.shutdown().await;
     assert_eq!(stored(key, 1).await, (2, 102));
+}
+
+/// With the validation cache, a key's limits record is held by its cache
+/// entry: it outlives the entry (dropped by a change to the key, or to make
+/// room), and a flush writes what it counted.
+pub async fn engine_cached_limits_records_outlive_their_entries(store: Arc<dyn Store>) {
+    let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(1)));
+    let engine = Engine::builder(store.clone())
+        .clock(clock.clone())
+        // One entry per shard: other keys push this one out.
+        .cache(crate::cache::CacheOptions {
+            capacity: 16,
+            ..Default::default()
+        })
+        .local_quota_counts()
+        .build();
+    let tenant = tenant();
+    let policy = engine
+        .create_policy(
+            &tenant,
+            PolicySpec {
+                // 3 per hour (one back every 20 minutes), 5 a day.
+                rate_limit: Some(3),
+                rate_limit_window: Some(Duration::from_secs(3600)),
+                daily_quota: Some(5),
+                ..policy_spec("held")
+            },
+        )
+        .await
+        .unwrap();
+    let request = |name: &str| CreateKey {
+        policy_id: Some(policy.id),
+        ..key_request(name, &[])
+    };
+    let created = engine.create_key(&tenant, request("held")).await.unwrap();
+    let raw = created.raw_key.expose_secret().to_owned();
+    let ctx = RequestContext::default();
+    let state = |v: crate::engine::Validation| (v.rate_limit.unwrap().remaining, v.quota[0].used);
+    assert_eq!(state(engine.validate(&raw, &ctx).await.unwrap()), (2, 1));
+    assert_eq!(state(engine.validate(&raw, &ctx).await.unwrap()), (1, 2));
+    // A change to the key drops its entry.
+    engine
+        .update_key(
+            &tenant,
+            &created.key.id,
+            KeyUpdate {
+                name: Some("renamed".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        state(engine.validate(&raw, &ctx).await.unwrap()),
+        (0, 3),
+        "the bucket and the count outlive an invalidated entry"
+    );
+    // Other keys' entries push this one out.
+    for i in 0..64 {
+        let other = engine
+            .create_key(&tenant, request(&format!("other-{i}")))
+            .await
+            .unwrap();
+        engine
+            .validate(other.raw_key.expose_secret(), &ctx)
+            .await
+            .unwrap();
+    }
+    assert_denied(engine.validate(&raw, &ctx).await, "rate_limited");
+    clock.advance(Duration::from_secs(20 * 60));
+    assert_eq!(
+        state(engine.validate(&raw, &ctx).await.unwrap()),
+        (0, 4),
+        "the bucket and the count outlive an evicted entry"
+    );
+    engine.flush_quota_counts().await.unwrap();
+    let windows = QuotaSpec {
+        daily: Some(u64::MAX),
+        monthly: None,
+    }
+    .windows(crate::clock::Clock::now(&*clock));
+    let stored = store
+        .consume_quota(&created.key.id, &windows, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.windows[0].used, 4,
+        "a flush writes what entries held"
+    );
 }
 
 pub async fn engine_usage_aggregates_match_brute_force(store: Arc<dyn Store>) {
