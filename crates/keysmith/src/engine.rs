@@ -20,7 +20,7 @@ use crate::model::{
 use crate::policy::{self, Policy, PolicySpec, RequestContext};
 use crate::ratelimit::local::{self, EngineClock};
 use crate::ratelimit::{
-    LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaState, QuotaWindow, RateLimitState,
+    LocalRateLimiter, QuotaCounter, QuotaDecision, QuotaStates, QuotaWindow, RateLimitState,
     RateLimiter,
 };
 use crate::scope::{self, parent_of, validate_scope_name};
@@ -165,7 +165,7 @@ pub struct Validation {
     /// The rate limit's state, when the policy sets one.
     pub rate_limit: Option<RateLimitState>,
     /// Each quota window's state (this request counted), when the policy sets quotas.
-    pub quota: Vec<QuotaState>,
+    pub quota: QuotaStates,
 }
 
 /// Builds an [`Engine`].
@@ -829,7 +829,7 @@ impl Engine {
             policy: found.policy,
             grace_ends,
             rate_limit: None,
-            quota: Vec::new(),
+            quota: QuotaStates::EMPTY,
         };
         Ok((valid, found.last_used_us))
     }

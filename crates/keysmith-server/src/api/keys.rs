@@ -427,7 +427,7 @@ pub async fn validate(
             grace_ends: valid.grace_ends,
             rate_limit: valid.rate_limit,
             retry_after: None,
-            quota: valid.quota,
+            quota: valid.quota.to_vec(),
             resets_at: None,
         })),
         Err(keysmith::Error::RateLimited { retry_after, state }) => Ok(Json(ValidateResponse {

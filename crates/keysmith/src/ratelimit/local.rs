@@ -10,7 +10,10 @@
 //! hundred bytes with its own clock, and a separate record for the quota
 //! counts would be a second memory access per validation: at tens of
 //! thousands of keys, each such access is a cache miss that costs more than
-//! the rest of the rate limit.
+//! the rest of the rate limit. For the same reason an engine with a
+//! validation cache moves a key's record into the key's cache entry
+//! (`ValidationCache::with_limits`): the limiter's map then holds the records
+//! of keys not in the cache, and of keys that were rotated.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -355,10 +358,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
     pub(crate) fn put_back(&self, key: &KeyId, mut record: Record) {
         let mut shard = lock(self.shard(key));
         if let Some(held) = shard.get_mut(key) {
-            let mut pending = self.pending();
-            for (period, count) in PERIODS.into_iter().zip(held.counts.iter_mut()) {
-                take_units(key, period, count, &mut pending);
-            }
+            Self::take_units_of(key, held, &mut self.pending());
             if held.spec == record.spec {
                 record.tat = record.tat.max(held.tat);
             }

@@ -283,13 +283,86 @@ pub struct QuotaState {
     pub resets_at: DateTime<Utc>,
 }
 
+/// The states of a key's quota windows: the daily one, then the monthly
+/// one, each when the policy sets it. At most two, so they are kept inline
+/// (a validation allocates nothing for them); read them as a slice. States
+/// past the second are not kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct QuotaStates {
+    len: u8,
+    states: [QuotaState; 2],
+}
+
+impl QuotaStates {
+    /// No windows.
+    pub const EMPTY: Self = Self {
+        len: 0,
+        states: [QuotaState {
+            period: UsagePeriod::Day,
+            limit: 0,
+            used: 0,
+            remaining: 0,
+            resets_at: DateTime::UNIX_EPOCH,
+        }; 2],
+    };
+}
+
+impl Default for QuotaStates {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl std::ops::Deref for QuotaStates {
+    type Target = [QuotaState];
+
+    fn deref(&self) -> &[QuotaState] {
+        &self.states[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for QuotaStates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<QuotaState> for QuotaStates {
+    fn from_iter<I: IntoIterator<Item = QuotaState>>(iter: I) -> Self {
+        let mut states = Self::EMPTY;
+        for (slot, state) in states.states.iter_mut().zip(iter) {
+            *slot = state;
+            states.len += 1;
+        }
+        states
+    }
+}
+
+impl<'a> IntoIterator for &'a QuotaStates {
+    type Item = &'a QuotaState;
+    type IntoIter = std::slice::Iter<'a, QuotaState>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl Serialize for QuotaStates {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
 /// A quota counter's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaDecision {
     /// Whether the request fits every window (and was counted).
     pub allowed: bool,
     /// Every window's state.
-    pub windows: Vec<QuotaState>,
+    pub windows: QuotaStates,
 }
 
 impl QuotaDecision {
@@ -384,6 +457,27 @@ impl QuotaCounter for StoreQuotaCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quota_states_are_a_slice_of_at_most_two_and_serialize_as_a_list() {
+        let state = |used| QuotaState {
+            period: UsagePeriod::Day,
+            limit: 10,
+            used,
+            remaining: 10 - used,
+            resets_at: DateTime::UNIX_EPOCH,
+        };
+        assert!(QuotaStates::EMPTY.is_empty());
+        let two: QuotaStates = [state(1), state(2)].into_iter().collect();
+        assert_eq!(two.iter().map(|s| s.used).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(two[1].remaining, 8);
+        let three: QuotaStates = [state(1), state(2), state(3)].into_iter().collect();
+        assert_eq!(three.len(), 2, "a third state is not kept");
+        let json = serde_json::to_value(two).unwrap();
+        assert_eq!(json.as_array().map(Vec::len), Some(2));
+        assert_eq!(json[0]["used"], 1);
+        assert_eq!(serde_json::to_string(&QuotaStates::EMPTY).unwrap(), "[]");
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

@@ -619,7 +619,7 @@ impl QuotaCounter for RedisQuotaCounter {
         if windows.is_empty() {
             return Ok(QuotaDecision {
                 allowed: true,
-                windows: Vec::new(),
+                windows: super::QuotaStates::EMPTY,
             });
         }
         if cost > MAX_EXACT {
