@@ -892,6 +892,14 @@ impl Engine {
         }
         if let (Some(spec), Some(windows)) = (&limits.quota, windows) {
             let id = &key.id;
+            if let (None, None, Quotas::Local) = (&limits.rate, &counted, &self.inner.quota_counter)
+            {
+                // Quotas alone, counted in process: one step, as next to a
+                // rate limit; `count_locally` only when counts must be loaded.
+                counted = self.on_limits_record(hash, key, local_now, |record| {
+                    local::count_now_in(record, windows, cost, local_now)
+                });
+            }
             let decision = match (counted, &self.inner.quota_counter) {
                 (Some(decision), _) => decision,
                 (None, Quotas::Store) => self.inner.store.consume_quota(id, windows, cost).await?,
