@@ -407,26 +407,14 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
         }
     }
 
-    /// [`check_in`] on the key's record in the map. `now` as
-    /// [`elapsed`](Self::elapsed) gives it.
-    pub(crate) fn check_and_count(
-        &self,
-        key: &KeyId,
-        plan: &Gcra,
-        windows: Option<&[QuotaWindow]>,
-        cost: u64,
-        now: u64,
-    ) -> (RateLimitState, Option<QuotaDecision>) {
-        self.with_record(key, now, |record| {
-            check_in(record, plan, windows, cost, now)
-        })
-    }
-
     /// Takes `cost` requests' worth of capacity from the key's bucket, or
     /// refuses without taking any; never waits.
     pub fn check_now(&self, key: &KeyId, spec: &RateSpec, cost: u64) -> Result<RateLimitState> {
         let plan = Gcra::of(spec)?;
-        Ok(self.check_and_count(key, &plan, None, cost, self.now()).0)
+        let now = self.now();
+        Ok(self.with_record(key, now, |record| {
+            check_in(record, &plan, None, cost, now).0
+        }))
     }
 
     /// [`count_now_in`] on the key's record in the map; `None` when it has
@@ -559,10 +547,7 @@ fn count_in(record: &mut Record, windows: &[QuotaWindow], cost: u64) -> Option<Q
         *used = count.used;
     }
     let used = &mut used[..windows.len()];
-    let fits = windows
-        .iter()
-        .zip(used.iter())
-        .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
+    let fits = super::fits_all(windows, used, cost);
     if fits && cost > 0 {
         for (w, used) in windows.iter().zip(used.iter_mut()) {
             let count = &mut record.counts[slot(w.period)];

@@ -356,6 +356,15 @@ impl Serialize for QuotaStates {
     }
 }
 
+/// Whether `cost` more units fit in every window, each having used `used`
+/// (in the same order): a request is counted in all of them or in none.
+pub(crate) fn fits_all(windows: &[QuotaWindow], used: &[u64], cost: u64) -> bool {
+    windows
+        .iter()
+        .zip(used)
+        .all(|(w, &u)| u.saturating_add(cost) <= w.limit)
+}
+
 /// A quota counter's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaDecision {

@@ -652,10 +652,7 @@ impl Store for MemoryStore {
         for (w, count) in windows.iter().zip(counts.iter_mut()) {
             *count = find(slots, w).map_or(0, |i| slots[i].2);
         }
-        let fits = windows
-            .iter()
-            .zip(counts.iter())
-            .all(|(w, &u)| u.saturating_add(cost) <= w.limit);
+        let fits = crate::ratelimit::fits_all(windows, counts, cost);
         if fits && cost > 0 {
             for (w, count) in windows.iter().zip(counts.iter_mut()) {
                 *count += cost;
