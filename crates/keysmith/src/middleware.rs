@@ -34,11 +34,9 @@ use tower::{Layer, Service};
 
 use crate::engine::{Engine, Validation};
 use crate::error::Error;
-use crate::id::UsageId;
 use crate::model::Tenant;
-use crate::model::UsageRecord;
 use crate::policy::RequestContext;
-use crate::usage::UsageSink;
+use crate::usage::{RequestUsage, UsageSink};
 
 /// Longest header value read as a key (a raw key is under 100 bytes).
 const MAX_KEY_HEADER: usize = 256;
@@ -176,34 +174,36 @@ where
             };
             match settings.engine.validate(&raw, &context).await {
                 Ok(valid) => {
-                    let key = valid.key.clone();
-                    // The route's pattern (`/users/{id}`) when axum matched
-                    // one, so usage groups by endpoint; else the path.
-                    let endpoint = request
-                        .extensions()
-                        .get::<axum::extract::MatchedPath>()
-                        .map_or_else(|| request.uri().path(), |m| m.as_str());
-                    let endpoint = at_most_chars(endpoint, 1024);
-                    let user_agent = header_str(request.headers(), http::header::USER_AGENT)
-                        .map(|ua| at_most_chars(ua, 512));
+                    // What usage needs of the request, taken before the
+                    // handler owns it (nothing when usage is not recorded).
+                    // The endpoint is the route's pattern (`/users/{id}`)
+                    // when axum matched one, so usage groups by endpoint;
+                    // else the path.
+                    let noted = settings.usage.as_ref().map(|_| {
+                        let endpoint = request
+                            .extensions()
+                            .get::<axum::extract::MatchedPath>()
+                            .map_or_else(|| request.uri().path(), |m| m.as_str());
+                        let user_agent = header_str(request.headers(), http::header::USER_AGENT)
+                            .map(|ua| at_most_chars(ua, 512));
+                        (valid.key.clone(), at_most_chars(endpoint, 1024), user_agent)
+                    });
                     request
                         .extensions_mut()
                         .insert(Authenticated(Arc::new(valid)));
                     let response = inner.call(request).await;
-                    if let (Some(sink), Ok(response)) = (&settings.usage, &response) {
-                        sink.record(UsageRecord {
-                            id: UsageId::new(),
-                            key_id: key.id,
-                            app_id: key.app_id.clone(),
-                            tenant_id: key.tenant_id.clone(),
+                    if let (Some(sink), Some((key, endpoint, user_agent)), Ok(response)) =
+                        (&settings.usage, noted, &response)
+                    {
+                        sink.record_request(RequestUsage {
+                            key,
                             endpoint,
                             method: context.method.unwrap_or_default(),
                             status_code: response.status().as_u16(),
-                            ip: context.ip.map(|ip| ip.to_string()),
+                            ip: context.ip,
                             user_agent,
                             latency_ms: u64::try_from(started.elapsed().as_millis())
                                 .unwrap_or(u64::MAX),
-                            metadata: crate::model::Metadata::new(),
                             created_at: crate::clock::store_precision(
                                 settings.engine.clock().now(),
                             ),
