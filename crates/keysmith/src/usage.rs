@@ -75,6 +75,8 @@ pub(crate) struct RequestUsage {
 /// (boxed: rare, and three times a request's size).
 #[derive(Debug)]
 enum Item {
+    // Made only by the middleware (feature `axum`).
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     Request(RequestUsage),
     Record(Box<UsageRecord>),
 }
@@ -210,6 +212,7 @@ impl UsageSink {
 
     /// Queues the usage of a request that passed the middleware; like
     /// [`record`](Self::record), the writer makes the record.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     pub(crate) fn record_request(&self, request: RequestUsage) -> bool {
         self.shared.queue(Item::Request(request))
     }
