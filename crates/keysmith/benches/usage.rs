@@ -115,7 +115,7 @@ fn bench_sqlite(c: &mut Criterion, rt: &Runtime) {
     bench_store(c, rt, "usage_sqlite", Arc::new(store), || {
         let pool = pool.clone();
         async move {
-            sqlx::query("DELETE FROM keysmith_usage")
+            sqlx::query("DELETE FROM keysmith_usage_blocks")
                 .execute(&pool)
                 .await
                 .unwrap();

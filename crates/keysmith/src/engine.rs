@@ -1308,7 +1308,8 @@ impl Engine {
     /// Recomputes, from the raw records, every key's aggregate for the UTC day
     /// or month containing `at`: request and error counts (status ≥ 400),
     /// total, p50 and p99 latency (nearest rank). Idempotent: running it again
-    /// writes the same rows. Reads the records in pages of 1000. Returns how
+    /// writes the same rows. Reads the records in pages of 1000, each one
+    /// starting after the last record of the one before. Returns how
     /// many aggregate rows were written.
     pub async fn aggregate_usage(&self, period: UsagePeriod, at: DateTime<Utc>) -> Result<usize> {
         struct Acc {
@@ -1320,10 +1321,13 @@ impl Engine {
         }
         let (start, end) = crate::ratelimit::period_bounds(period, at);
         let mut per_key: std::collections::BTreeMap<KeyId, Acc> = Default::default();
-        let mut offset = 0u64;
+        let mut from = None;
         loop {
-            let page = PageRequest::new(1000, offset)?;
-            let records = self.inner.store.usage_between(start, end, &page).await?;
+            let records = self
+                .inner
+                .store
+                .usage_between(start, end, from, 1000)
+                .await?;
             for r in &records {
                 let acc = per_key.entry(r.key_id).or_insert_with(|| Acc {
                     app_id: r.app_id.clone(),
@@ -1336,10 +1340,10 @@ impl Engine {
                 acc.errors += u64::from(r.status_code >= 400);
                 acc.total = acc.total.saturating_add(r.latency_ms);
             }
-            if records.len() < 1000 {
-                break;
+            match records.last() {
+                Some(last) if records.len() == 1000 => from = Some((last.created_at, last.id)),
+                _ => break,
             }
-            offset += records.len() as u64;
         }
         let rows: Vec<UsageAggregate> = per_key
             .into_iter()

@@ -64,12 +64,14 @@ mod schema {
             "keysmith_policies",
             "keysmith_scopes",
             "keysmith_key_scopes",
-            "keysmith_usage",
+            "keysmith_usage_blocks",
             "keysmith_usage_agg",
             "keysmith_rotations",
         ] {
             assert!(tables.contains(&table.to_owned()), "{table} in {tables:?}");
         }
+        // Raw usage is kept in blocks; its records read as the seed's table.
+        assert_eq!(names(&store, "view").await, ["keysmith_usage"]);
         let indexes = names(&store, "index").await;
         for index in [
             "idx_keys_hash",
@@ -99,6 +101,95 @@ mod schema {
         assert_eq!(fk, 1);
         store.ping().await.unwrap();
         store.close().await;
+    }
+
+    /// Usage rows written before usage was kept in blocks move into blocks,
+    /// and read back exactly, through the store and through the view.
+    #[tokio::test]
+    async fn usage_rows_of_earlier_versions_move_into_blocks() {
+        let path = temp_path("keys.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let mut before_blocks = sqlx::migrate!("./migrations/sqlite");
+        before_blocks.migrations = before_blocks
+            .migrations
+            .iter()
+            .filter(|m| m.version < 4)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        before_blocks.run(store.pool()).await.unwrap();
+        let tenant = keysmith::Tenant::new("app", "t").unwrap();
+        let key = keysmith::KeyId::new();
+        let t0: chrono::DateTime<chrono::Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        // Three records in the first hour, one in the second: two blocks.
+        let records: Vec<keysmith::UsageRecord> = [0, 10, 59, 61]
+            .into_iter()
+            .map(|minutes| keysmith::UsageRecord {
+                id: keysmith::UsageId::new(),
+                key_id: key,
+                app_id: tenant.app_id.clone(),
+                tenant_id: tenant.tenant_id.clone(),
+                endpoint: format!("/v1/{minutes}"),
+                method: "POST".into(),
+                status_code: if minutes == 10 { 503 } else { 200 },
+                ip: (minutes != 59).then(|| "10.0.0.1".to_owned()),
+                user_agent: (minutes == 0).then(|| "curl/8 \"quoted\"".to_owned()),
+                latency_ms: minutes as u64,
+                metadata: if minutes == 61 {
+                    serde_json::json!({"region": "eu", "n": 1})
+                        .as_object()
+                        .unwrap()
+                        .clone()
+                } else {
+                    Default::default()
+                },
+                created_at: t0 + chrono::Duration::minutes(minutes),
+            })
+            .collect();
+        for r in &records {
+            sqlx::query(
+                "INSERT INTO keysmith_usage (id, key_id, app_id, tenant_id, endpoint, method, \
+                 status_code, ip, user_agent, latency_ms, metadata, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(r.id.to_string())
+            .bind(r.key_id.to_string())
+            .bind(&r.app_id)
+            .bind(&r.tenant_id)
+            .bind(&r.endpoint)
+            .bind(&r.method)
+            .bind(i64::from(r.status_code))
+            .bind(&r.ip)
+            .bind(&r.user_agent)
+            .bind(r.latency_ms as i64)
+            .bind(serde_json::to_string(&r.metadata).unwrap())
+            .bind(r.created_at.timestamp_micros())
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+        store.migrate().await.unwrap();
+        let blocks: i64 = sqlx::query_scalar("SELECT count(*) FROM keysmith_usage_blocks")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(blocks, 2);
+        let listed = store
+            .list_usage(&tenant, &Default::default())
+            .await
+            .unwrap();
+        let mut newest_first = records.clone();
+        newest_first.reverse();
+        assert_eq!(listed.total, 4);
+        assert_eq!(listed.items, newest_first);
+        let (status, ua, metadata): (i64, Option<String>, String) = sqlx::query_as(
+            "SELECT status_code, user_agent, metadata FROM keysmith_usage \
+             ORDER BY created_at LIMIT 1 OFFSET 1",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!((status, ua, metadata.as_str()), (503, None, "{}"));
     }
 
     #[tokio::test]
@@ -237,9 +328,10 @@ mod schema {
         }
     }
 
-    /// Large batches are cut into several INSERTs (512 rows, then powers of
-    /// two): all of a batch is written, and a duplicate in its last INSERT
-    /// still refuses all of it, leaving the usage connection usable.
+    /// Large batches are cut into several INSERTs (512 blocks, then powers of
+    /// two; a block per key): all of a batch is written, and a failure of its
+    /// last INSERT still refuses all of it, leaving the usage connection
+    /// usable.
     #[tokio::test]
     async fn large_usage_batches_are_written_and_refused_whole() {
         let path = temp_path("keys.db");
@@ -256,18 +348,31 @@ mod schema {
                     .total
             }
         };
-        // 512 + 512 + 4 + 1 rows.
+        // 1029 keys: 512 + 512 + 4 + 1 blocks.
         let first: Vec<_> = (0..1029).map(|i| usage_record(&tenant, i)).collect();
         store.insert_usage(&first).await.unwrap();
         assert_eq!(total(store.clone()).await, 1029);
 
-        let mut refused: Vec<_> = (0..700).map(|i| usage_record(&tenant, i)).collect();
-        refused.push(first[1028].clone());
+        // 700 keys (512 + 128 + 32 + 16 + 8 + 4), the last one refused by
+        // the database.
+        let refused: Vec<_> = (0..700).map(|i| usage_record(&tenant, i)).collect();
+        sqlx::raw_sql(&format!(
+            "CREATE TRIGGER refuse_last BEFORE INSERT ON keysmith_usage_blocks \
+             WHEN NEW.key_id = '{}' BEGIN SELECT RAISE(FAIL, 'refused'); END",
+            refused[699].key_id
+        ))
+        .execute(store.pool())
+        .await
+        .unwrap();
         match store.insert_usage(&refused).await {
-            Err(Error::AlreadyExists { field, .. }) => assert_eq!(field, "id"),
-            other => panic!("expected AlreadyExists, got {other:?}"),
+            Err(Error::Store(_)) => {}
+            other => panic!("expected a store error, got {other:?}"),
         }
         assert_eq!(total(store.clone()).await, 1029, "nothing of it is kept");
+        sqlx::raw_sql("DROP TRIGGER refuse_last")
+            .execute(store.pool())
+            .await
+            .unwrap();
 
         let mut with_metadata = usage_record(&tenant, 5);
         with_metadata

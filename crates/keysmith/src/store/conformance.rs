@@ -48,6 +48,7 @@ macro_rules! conformance_tests {
             policies_crud, scopes_crud, rotations_listed_oldest_first, tenant_isolation,
             usage_records_insert_and_list, usage_aggregates_upsert_and_list,
             quotas_count_exactly_and_refuse_whole, usage_retention_purges_oldest_first,
+            usage_reads_merge_batches_in_time_order,
             rotation_due_filter_at_the_boundary, claim_rotation_due_once_per_period,
             list_keys_search_name_or_hint);
         $crate::conformance_tests!(@shared $make;
@@ -1207,10 +1208,14 @@ pub async fn usage_records_insert_and_list(store: &dyn Store) {
         (paged.total, paged.items.len(), paged.items[0].id),
         (5, 2, records[3].id)
     );
-    // A batch with a duplicate id is refused whole.
-    let fresh = usage(&tenant, a.id, 9, 500, 1);
-    let batch = [fresh.clone(), records[0].clone()];
-    assert_exists(store.insert_usage(&batch).await, ResourceKind::Usage, "id");
+    // A batch with a bad record is refused whole.
+    let mut bad = usage(&tenant, a.id, 9, 500, 1);
+    bad.latency_ms = u64::MAX;
+    let batch = [usage(&tenant, a.id, 8, 200, 1), bad];
+    assert!(matches!(
+        store.insert_usage(&batch).await,
+        Err(Error::InvalidInput { .. })
+    ));
     assert_eq!(
         store
             .list_usage(&tenant, &UsageFilter::default())
@@ -1351,6 +1356,102 @@ pub async fn quotas_count_exactly_and_refuse_whole(store: &dyn Store) {
     assert_eq!(
         used(&store.consume_quota(&late, &roomy(at(1)), 0).await.unwrap()),
         [5]
+    );
+}
+
+/// Records written in batches whose times interleave (as batches from
+/// several writers, or records posted late, do), some at the very same
+/// instant: every read orders them across batches exactly as one sorted
+/// list would, pages included, and counts ranges that cut through batches.
+pub async fn usage_reads_merge_batches_in_time_order(store: &dyn Store) {
+    let tenant = tenant();
+    let (a, b) = (KeyId::new(), KeyId::new());
+    // Three batches of 40: batch j holds minutes j, j + 3, j + 6, ...; every
+    // fifth record of each batch is at minute 0.
+    let mut all: Vec<UsageRecord> = Vec::new();
+    for j in 0..3 {
+        let batch: Vec<UsageRecord> = (0..40)
+            .map(|i| {
+                let minutes = if i % 5 == 0 { 0 } else { j + 3 * i };
+                usage(&tenant, if i % 2 == 0 { a } else { b }, minutes, 200, 1)
+            })
+            .collect();
+        store.insert_usage(&batch).await.unwrap();
+        all.extend(batch);
+    }
+    let other = tenant_other(&tenant);
+    store
+        .insert_usage(&[usage(&other, KeyId::new(), 7, 200, 1)])
+        .await
+        .unwrap();
+    all.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
+    let ids = |records: &[UsageRecord]| records.iter().map(|r| r.id).collect::<Vec<_>>();
+
+    // Newest first, page by page.
+    let mut paged = Vec::new();
+    for offset in (0..all.len() as u64).step_by(7) {
+        let filter = UsageFilter {
+            page: page(7, offset),
+            ..Default::default()
+        };
+        let page = store.list_usage(&tenant, &filter).await.unwrap();
+        assert_eq!(page.total, 120);
+        paged.extend(page.items);
+    }
+    assert_eq!(ids(&paged), ids(&all));
+    // A range cutting through every batch, one key.
+    let after = t0() + chrono::Duration::minutes(10);
+    let before = t0() + chrono::Duration::minutes(50);
+    let expected: Vec<UsageRecord> = all
+        .iter()
+        .filter(|r| r.key_id == a && r.created_at >= after && r.created_at < before)
+        .cloned()
+        .collect();
+    let filter = UsageFilter {
+        key_id: Some(a),
+        after: Some(after),
+        before: Some(before),
+        page: page(5, 3),
+    };
+    let window = store.list_usage(&tenant, &filter).await.unwrap();
+    assert_eq!(window.total, expected.len() as u64);
+    assert_eq!(ids(&window.items), ids(&expected[3..8]));
+
+    // Oldest first for the aggregation, each page after the last one's end,
+    // over every tenant.
+    let mut oldest: Vec<UsageRecord> = all.iter().rev().cloned().collect();
+    let mut from = None;
+    let mut read = Vec::new();
+    loop {
+        let page = store.usage_between(t0(), at(1), from, 9).await.unwrap();
+        let Some(last) = page.last() else { break };
+        from = Some((last.created_at, last.id));
+        read.extend(page.into_iter().filter(|r| r.tenant_id == tenant.tenant_id));
+    }
+    assert_eq!(ids(&read), ids(&oldest));
+
+    // Purging takes the oldest first, whichever batch holds them.
+    let cutoff = t0() + chrono::Duration::minutes(30);
+    let before_cutoff = oldest.iter().filter(|r| r.created_at < cutoff).count() as u64;
+    assert_eq!(store.purge_usage(cutoff, 11).await.unwrap(), 11);
+    oldest.drain(..11);
+    let left = store
+        .list_usage(
+            &tenant,
+            &UsageFilter {
+                page: page(500, 0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut expected: Vec<UsageRecord> = oldest.clone();
+    expected.reverse();
+    assert_eq!(ids(&left.items), ids(&expected));
+    assert_eq!(
+        store.purge_usage(cutoff, 1000).await.unwrap(),
+        before_cutoff - 11 + 1,
+        "the rest before the cutoff: this tenant's, the other tenant's one, no later record"
     );
 }
 

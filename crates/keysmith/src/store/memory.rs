@@ -568,6 +568,11 @@ impl Store for MemoryStore {
     }
 
     async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()> {
+        // The bound of the SQL stores' BIGINT, so that every store takes the
+        // same records.
+        if records.iter().any(|r| i64::try_from(r.latency_ms).is_err()) {
+            return Err(Error::invalid_input("latency_ms", "is too large"));
+        }
         let mut state = self.write();
         let mut ids = std::collections::HashSet::new();
         if records
@@ -682,17 +687,20 @@ impl Store for MemoryStore {
         &self,
         after: DateTime<Utc>,
         before: DateTime<Utc>,
-        page_req: &PageRequest,
+        from: Option<(DateTime<Utc>, UsageId)>,
+        limit: u32,
     ) -> Result<Vec<UsageRecord>> {
         let state = self.read();
         let mut records: Vec<UsageRecord> = state
             .usage
             .iter()
             .filter(|r| r.created_at >= after && r.created_at < before)
+            .filter(|r| from.is_none_or(|from| (r.created_at, r.id) > from))
             .cloned()
             .collect();
         records.sort_by_key(|r| (r.created_at, r.id));
-        Ok(page(records, page_req).items)
+        records.truncate(limit.min(super::MAX_PAGE) as usize);
+        Ok(records)
     }
 
     async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64> {

@@ -30,7 +30,7 @@ pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 use crate::error::Result;
-use crate::id::{KeyId, PolicyId, RotationId, ScopeId};
+use crate::id::{KeyId, PolicyId, RotationId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, Metadata, Page, PageRequest, Rotation, RotationDue,
     RotationReason, Scope, Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
@@ -181,6 +181,9 @@ impl NewRotation {
         })
     }
 }
+
+/// The most records [`Store::usage_between`] returns at once.
+pub const MAX_PAGE: u32 = 10_000;
 
 /// The storage backend.
 #[async_trait]
@@ -337,8 +340,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     // ---- usage ----
 
-    /// Inserts a batch of usage records in one transaction (records carry
-    /// their tenant; a clash on id is `AlreadyExists`).
+    /// Inserts a batch of usage records in one transaction, or none of them
+    /// (records carry their tenant). Record ids are drawn by Keysmith
+    /// (UUIDv7) and unique by construction: a store need not look them up
+    /// (the SQLite store keeps records in blocks and does not).
     async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()>;
 
     /// The tenant's usage records, newest first (`created_at`, then id), with
@@ -346,13 +351,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>>;
 
     /// Every tenant's usage records created in `[after, before)`, oldest first
-    /// (`created_at`, then id), one page at a time: the aggregation worker's
-    /// input.
+    /// (`created_at`, then id), at most `limit` (capped at [`MAX_PAGE`]) at a time:
+    /// those that come after `from` (the `created_at` and id of the last
+    /// record of the previous page; `None` for the first page). The
+    /// aggregation worker's input; each page costs the same however deep it
+    /// is.
     async fn usage_between(
         &self,
         after: DateTime<Utc>,
         before: DateTime<Utc>,
-        page: &PageRequest,
+        from: Option<(DateTime<Utc>, UsageId)>,
+        limit: u32,
     ) -> Result<Vec<UsageRecord>>;
 
     /// Deletes up to `limit` of the oldest usage records created before

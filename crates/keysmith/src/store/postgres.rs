@@ -21,7 +21,7 @@ use super::sql::{
 };
 use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
-use crate::id::{KeyId, PolicyId, ScopeId};
+use crate::id::{KeyId, PolicyId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, KeyState, Page, PageRequest, Rotation, RotationDue, Scope,
     Tenant, UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
@@ -792,7 +792,8 @@ const USAGE_BETWEEN: &str = concat!(
     "SELECT ",
     usage_columns!(),
     " FROM keysmith_usage u WHERE u.created_at >= $1 AND u.created_at < $2 \
-     ORDER BY u.created_at, u.id COLLATE \"C\" LIMIT $3 OFFSET $4"
+     AND ($4::text IS NULL OR (u.created_at, u.id COLLATE \"C\") > ($3, $4::text COLLATE \"C\")) \
+     ORDER BY u.created_at, u.id COLLATE \"C\" LIMIT $5"
 );
 
 const COUNT_USAGE: &str = concat!(
@@ -1758,15 +1759,16 @@ impl Store for PostgresStore {
         &self,
         after: DateTime<Utc>,
         before: DateTime<Utc>,
-        page: &PageRequest,
+        from: Option<(DateTime<Utc>, UsageId)>,
+        limit: u32,
     ) -> Result<Vec<UsageRecord>> {
-        let (limit, offset) = limit_and_offset(page)?;
         self.bounded(async {
             let rows = sqlx::query(USAGE_BETWEEN)
                 .bind(after)
                 .bind(before)
-                .bind(limit)
-                .bind(offset)
+                .bind(from.map(|(at, _)| at))
+                .bind(from.map(|(_, id)| id.to_string()))
+                .bind(i64::from(limit.min(super::MAX_PAGE)))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(Error::store)?;

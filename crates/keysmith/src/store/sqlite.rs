@@ -3,12 +3,15 @@
 //! write transaction so writers queue instead of failing half-way.
 //!
 //! Timestamps are INTEGER microseconds since the epoch (they sort and compare
-//! correctly), durations INTEGER milliseconds, JSON TEXT.
+//! correctly), durations INTEGER milliseconds, JSON TEXT. Raw usage is kept
+//! in blocks, one row per key and written batch ([`blocks`]).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+mod blocks;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -22,7 +25,7 @@ use super::sql::{
 };
 use super::{KeyUpdate, Lookup, NewRotation, RotatedSecret, Store};
 use crate::error::{Error, ResourceKind, Result};
-use crate::id::{KeyId, PolicyId, ScopeId};
+use crate::id::{KeyId, PolicyId, ScopeId, UsageId};
 use crate::model::{
     ApiKey, KeyAction, KeyFilter, Page, PageRequest, Rotation, RotationDue, Scope, Tenant,
     UsageAggregate, UsageFilter, UsagePeriod, UsageRecord,
@@ -342,23 +345,20 @@ fn bind_spec<'q>(query: SqliteQuery<'q>, c: &'q PolicyColumns<'q>) -> SqliteQuer
         .bind(c.metadata.to_string())
 }
 
-const USAGE_COLUMNS: &str = "id, key_id, app_id, tenant_id, endpoint, method, status_code, ip, \
-    user_agent, latency_ms, metadata, created_at";
-
 const AGGREGATE_COLUMNS: &str = "key_id, app_id, tenant_id, period, period_start, request_count, \
     error_count, total_latency_ms, p50_latency_ms, p99_latency_ms";
 
-/// Rows per usage INSERT: 12 parameters each, well under SQLite's 32766.
-const USAGE_CHUNK: usize = 512;
+/// Usage blocks per INSERT: 7 parameters each, well under SQLite's 32766.
+const BLOCK_CHUNK: usize = 512;
 
-/// How a batch of `n` usage records is cut into INSERTs: full chunks, then
-/// the rest by powers of two, so that only a few distinct statements exist
-/// (each one prepared once per connection and cached) whatever the sizes of
-/// the batches.
-fn usage_chunks(mut n: usize) -> impl Iterator<Item = usize> {
+/// How `n` usage blocks are cut into INSERTs: full chunks, then the rest by
+/// powers of two, so that only a few distinct statements exist (each one
+/// prepared once per connection and cached) whatever the sizes of the
+/// batches.
+fn block_chunks(mut n: usize) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
-        let rows = if n >= USAGE_CHUNK {
-            USAGE_CHUNK
+        let rows = if n >= BLOCK_CHUNK {
+            BLOCK_CHUNK
         } else if n > 0 {
             1 << n.ilog2()
         } else {
@@ -369,47 +369,29 @@ fn usage_chunks(mut n: usize) -> impl Iterator<Item = usize> {
     })
 }
 
-/// The INSERT of `rows` usage records (a size [`usage_chunks`] yields), built
+/// The INSERT of `rows` usage blocks (a size [`block_chunks`] yields), built
 /// once.
 ///
 /// `OR FAIL`, not the default `ABORT`: a multi-row INSERT that may abort
 /// half-way makes SQLite keep a statement journal (the original of every
-/// page the statement changes, spilled to a temporary file past 64 KiB),
-/// which cost a third of the ingest. With `FAIL` no journal is kept: a
-/// duplicate id stops the statement (rows it inserted before stay in the
-/// transaction), and the error drops the transaction, which rolls it all
-/// back: the batch is still refused whole.
-fn insert_usage_sql(rows: usize) -> &'static str {
+/// page the statement changes, spilled to a temporary file past 64 KiB).
+/// With `FAIL` no journal is kept, and an error drops the transaction, which
+/// rolls it all back: the batch is still refused whole.
+fn insert_blocks_sql(rows: usize) -> &'static str {
     static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let all = SQL.get_or_init(|| {
-        (0..=USAGE_CHUNK.ilog2())
+        (0..=BLOCK_CHUNK.ilog2())
             .map(|bits| {
-                let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, '{}'), ?)";
-                let values = vec![row; 1 << bits].join(", ");
-                format!("INSERT OR FAIL INTO keysmith_usage ({USAGE_COLUMNS}) VALUES {values}")
+                let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; 1 << bits].join(", ");
+                format!(
+                    "INSERT OR FAIL INTO keysmith_usage_blocks \
+                     (key_id, app_id, tenant_id, first_at, last_at, records, data) VALUES {values}"
+                )
             })
             .collect()
     });
-    debug_assert!(rows.is_power_of_two() && rows <= USAGE_CHUNK);
+    debug_assert!(rows.is_power_of_two() && rows <= BLOCK_CHUNK);
     &all[rows.ilog2() as usize]
-}
-
-fn usage_from(row: &SqliteRow) -> Result<UsageRecord> {
-    let status: i64 = get(row, "status_code")?;
-    Ok(UsageRecord {
-        id: super::sql::parse("usage id", &get::<String>(row, "id")?)?,
-        key_id: super::sql::parse("key id", &get::<String>(row, "key_id")?)?,
-        app_id: get(row, "app_id")?,
-        tenant_id: get(row, "tenant_id")?,
-        endpoint: get(row, "endpoint")?,
-        method: get(row, "method")?,
-        status_code: u16::try_from(status).map_err(|e| corrupt("status code", e))?,
-        ip: get(row, "ip")?,
-        user_agent: get(row, "user_agent")?,
-        latency_ms: super::sql::from_i64("latency", get(row, "latency_ms")?)?,
-        metadata: super::sql::metadata(json("metadata", &get::<String>(row, "metadata")?)?)?,
-        created_at: from_ts("created_at", get(row, "created_at")?)?,
-    })
 }
 
 fn aggregate_from(row: &SqliteRow) -> Result<UsageAggregate> {
@@ -1221,38 +1203,27 @@ impl Store for SqliteStore {
         }
         // Checked before the transaction: a bad record refuses the batch
         // without taking the write lock.
-        let latencies = records
-            .iter()
-            .map(|r| super::sql::to_i64("latency_ms", r.latency_ms))
-            .collect::<Result<Vec<_>>>()?;
+        for r in records {
+            super::sql::to_i64("latency_ms", r.latency_ms)?;
+        }
+        let packed = blocks::pack_batch(records)?;
         let mut tx = self
             .usage
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(Error::store)?;
         let mut done = 0;
-        for rows in usage_chunks(records.len()) {
-            let chunk = &records[done..done + rows];
-            let mut insert = sqlx::query(insert_usage_sql(rows));
-            for (r, &latency) in chunk.iter().zip(&latencies[done..]) {
-                // NULL for the usual empty metadata: the statement stores
-                // '{}' for it, without a string per row.
-                let metadata = (!r.metadata.is_empty()).then(|| {
-                    serde_json::to_string(&r.metadata).unwrap_or_else(|_| "{}".to_owned())
-                });
+        for rows in block_chunks(packed.len()) {
+            let mut insert = sqlx::query(insert_blocks_sql(rows));
+            for block in &packed[done..done + rows] {
                 insert = insert
-                    .bind(r.id.to_string())
-                    .bind(r.key_id.to_string())
-                    .bind(r.app_id.as_str())
-                    .bind(r.tenant_id.as_str())
-                    .bind(r.endpoint.as_str())
-                    .bind(r.method.as_str())
-                    .bind(i64::from(r.status_code))
-                    .bind(r.ip.as_deref())
-                    .bind(r.user_agent.as_deref())
-                    .bind(latency)
-                    .bind(metadata)
-                    .bind(ts(r.created_at));
+                    .bind(block.key_id.as_str())
+                    .bind(block.app_id)
+                    .bind(block.tenant_id)
+                    .bind(block.first_at)
+                    .bind(block.last_at)
+                    .bind(block.records)
+                    .bind(block.data.as_str());
             }
             insert
                 .execute(&mut *tx)
@@ -1264,45 +1235,22 @@ impl Store for SqliteStore {
     }
 
     async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>> {
-        let push_filter = |q: &mut QueryBuilder<'_, Sqlite>| {
-            q.push(" WHERE app_id = ").push_bind(tenant.app_id.clone());
-            q.push(" AND tenant_id = ")
-                .push_bind(tenant.tenant_id.clone());
-            if let Some(key_id) = &filter.key_id {
-                q.push(" AND key_id = ").push_bind(key_id.to_string());
-            }
-            if let Some(after) = filter.after {
-                q.push(" AND created_at >= ").push_bind(ts(after));
-            }
-            if let Some(before) = filter.before {
-                q.push(" AND created_at < ").push_bind(ts(before));
-            }
-        };
-        let mut tx = self.pool.begin().await.map_err(Error::store)?;
-        let mut count = QueryBuilder::new("SELECT count(*) FROM keysmith_usage");
-        push_filter(&mut count);
-        let total: i64 = count
-            .build_query_scalar()
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(Error::store)?;
         let (limit, offset) = limit_offset(&filter.page);
-        let mut list = QueryBuilder::new(format!("SELECT {USAGE_COLUMNS} FROM keysmith_usage"));
-        push_filter(&mut list);
-        list.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(limit);
-        list.push(" OFFSET ").push_bind(offset);
-        let rows = list
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(Error::store)?;
+        // One read transaction: the total and the page see the same blocks.
+        let mut tx = self.pool.begin().await.map_err(Error::store)?;
+        let (total, items) = blocks::list(
+            &mut tx,
+            &tenant.app_id,
+            &tenant.tenant_id,
+            filter.key_id,
+            filter.after,
+            filter.before,
+            usize::try_from(limit).unwrap_or(0),
+            usize::try_from(offset).unwrap_or(usize::MAX),
+        )
+        .await?;
         tx.commit().await.map_err(Error::store)?;
-        let items = rows.iter().map(usage_from).collect::<Result<_>>()?;
-        Ok(Page {
-            items,
-            total: total as u64,
-        })
+        Ok(Page { items, total })
     }
 
     async fn upsert_usage_aggregates(&self, rows: &[UsageAggregate]) -> Result<()> {
@@ -1416,36 +1364,19 @@ impl Store for SqliteStore {
         &self,
         after: DateTime<Utc>,
         before: DateTime<Utc>,
-        page: &PageRequest,
+        from: Option<(DateTime<Utc>, UsageId)>,
+        limit: u32,
     ) -> Result<Vec<UsageRecord>> {
-        let (limit, offset) = limit_offset(page);
-        let rows = sqlx::query(&format!(
-            "SELECT {USAGE_COLUMNS} FROM keysmith_usage WHERE created_at >= ? AND created_at < ? \
-             ORDER BY created_at, id LIMIT ? OFFSET ?"
-        ))
-        .bind(ts(after))
-        .bind(ts(before))
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::store)?;
-        rows.iter().map(usage_from).collect()
+        let mut conn = self.pool.acquire().await.map_err(Error::store)?;
+        let limit = limit.min(super::MAX_PAGE) as usize;
+        blocks::between(&mut conn, after, before, from, limit).await
     }
 
     async fn purge_usage(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64> {
         let mut tx = self.write().await?;
-        let done = sqlx::query(
-            "DELETE FROM keysmith_usage WHERE id IN (SELECT id FROM keysmith_usage \
-             WHERE created_at < ? ORDER BY created_at, id LIMIT ?)",
-        )
-        .bind(ts(cutoff))
-        .bind(i64::from(limit.min(MAX_BATCH)))
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::store)?;
+        let purged = blocks::purge(&mut tx, cutoff, limit.min(MAX_BATCH) as usize).await?;
         tx.commit().await.map_err(Error::store)?;
-        Ok(done.rows_affected())
+        Ok(purged)
     }
 
     async fn touch_last_used(&self, uses: &[(KeyId, DateTime<Utc>)]) -> Result<()> {
@@ -1473,23 +1404,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usage_batches_are_cut_into_few_distinct_inserts() {
+    fn usage_blocks_are_cut_into_few_distinct_inserts() {
         for n in [0, 1, 2, 3, 511, 512, 513, 1029, 5000, 10_000] {
-            let sizes: Vec<usize> = usage_chunks(n).collect();
+            let sizes: Vec<usize> = block_chunks(n).collect();
             assert_eq!(sizes.iter().sum::<usize>(), n, "{n}: {sizes:?}");
             assert!(
                 sizes
                     .iter()
-                    .all(|&s| s.is_power_of_two() && s <= USAGE_CHUNK),
+                    .all(|&s| s.is_power_of_two() && s <= BLOCK_CHUNK),
                 "{n}: {sizes:?}"
             );
             assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
         }
-        assert_eq!(usage_chunks(1029).collect::<Vec<_>>(), [512, 512, 4, 1]);
+        assert_eq!(block_chunks(1029).collect::<Vec<_>>(), [512, 512, 4, 1]);
         // Every size has its statement, with its number of parameters.
-        for bits in 0..=USAGE_CHUNK.ilog2() {
+        for bits in 0..=BLOCK_CHUNK.ilog2() {
             let rows = 1 << bits;
-            assert_eq!(insert_usage_sql(rows).matches('?').count(), rows * 12);
+            assert_eq!(insert_blocks_sql(rows).matches('?').count(), rows * 7);
         }
     }
 }
