@@ -168,6 +168,10 @@ pub struct Validation {
     pub quota: QuotaStates,
 }
 
+/// The deepest offset [`Engine::list_usage`] pages to: a page that deep
+/// reads every newer record of the range first.
+pub const MAX_USAGE_OFFSET: u64 = 100_000;
+
 /// Builds an [`Engine`].
 #[derive(Debug)]
 pub struct EngineBuilder {
@@ -1274,13 +1278,24 @@ impl Engine {
         Ok(count)
     }
 
-    /// The tenant's usage records, newest first.
+    /// The tenant's usage records, newest first, at most
+    /// [`MAX_USAGE_OFFSET`] records deep (narrow the range with `after` and
+    /// `before` to read older ones).
     pub async fn list_usage(
         &self,
         tenant: &Tenant,
         filter: &UsageFilter,
     ) -> Result<Page<UsageRecord>> {
         filter.page.check()?;
+        if filter.page.offset > MAX_USAGE_OFFSET {
+            return Err(Error::invalid_input(
+                "offset",
+                format!(
+                    "usage is listed at most {MAX_USAGE_OFFSET} records deep; \
+                     narrow the range with after and before"
+                ),
+            ));
+        }
         check_range(filter.after, filter.before)?;
         if let Some(key) = &filter.key_id {
             self.inner.store.get_key(tenant, key).await?;

@@ -39,7 +39,8 @@ pub struct UsageQuery {
     pub before: Option<DateTime<Utc>>,
     /// Items per page, 1–1000 (default 50).
     pub limit: Option<u32>,
-    /// Items to skip.
+    /// Items to skip, at most 100 000 (narrow `after` and `before` to read
+    /// older records).
     pub offset: Option<u64>,
 }
 

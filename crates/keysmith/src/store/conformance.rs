@@ -1399,6 +1399,12 @@ pub async fn usage_reads_merge_batches_in_time_order(store: &dyn Store) {
         paged.extend(page.items);
     }
     assert_eq!(ids(&paged), ids(&all));
+    let past_the_end = UsageFilter {
+        page: page(7, 120),
+        ..Default::default()
+    };
+    let past_the_end = store.list_usage(&tenant, &past_the_end).await.unwrap();
+    assert_eq!((past_the_end.total, past_the_end.items.len()), (120, 0));
     // A range cutting through every batch, one key.
     let after = t0() + chrono::Duration::minutes(10);
     let before = t0() + chrono::Duration::minutes(50);
@@ -2552,6 +2558,15 @@ pub async fn engine_usage_is_checked_and_recorded(store: Arc<dyn Store>) {
     let first = &listed.items[0];
     assert_eq!((first.method.as_str(), first.created_at), ("POST", t0()));
     assert_eq!(first.ip.as_deref(), Some("::ffff:10.0.0.1"));
+    // Listing deeper than the usage list goes is refused, naming the offset.
+    let too_deep = UsageFilter {
+        page: page(10, crate::engine::MAX_USAGE_OFFSET + 1),
+        ..Default::default()
+    };
+    match engine.list_usage(&tenant, &too_deep).await {
+        Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "offset"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
     // Another tenant's key, a bad status, too big a batch: refused, nothing kept.
     assert_not_found(
         engine

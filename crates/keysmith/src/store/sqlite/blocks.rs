@@ -336,27 +336,56 @@ pub(super) async fn list(
         })
         .await?;
     }
-    // The page: the `offset + limit` newest, from the newest blocks until
-    // no block left can hold a newer record than the last of them.
-    let want = offset.saturating_add(limit);
-    let mut found: Vec<UsageRecord> = Vec::new();
-    if want > 0 {
-        blocks
-            .walk(conn, Walk::NewestFirst, |block| {
-                if found.len() >= want && block.last_at < ts(found[want - 1].created_at) {
-                    return Ok(false);
-                }
-                found.extend(block.records.into_iter().filter(|r| in_range(r)));
-                if found.len() >= want {
-                    found.sort_unstable_by(newest_first);
-                    found.truncate(want);
-                }
-                Ok(true)
-            })
-            .await?;
+    if limit == 0 || offset as u64 >= total {
+        return Ok((total, Vec::new()));
     }
-    found.sort_unstable_by(newest_first);
-    Ok((total, found.into_iter().skip(offset).take(limit).collect()))
+    // The page's bounds: the (time, id) of the `offset + limit` newest
+    // records (only those, not the records), from the newest blocks until no
+    // block left can hold a newer record than the last of them.
+    let want = offset.saturating_add(limit);
+    let mut newest: Vec<(DateTime<Utc>, UsageId)> = Vec::new();
+    let descending = |a: &(DateTime<Utc>, UsageId), b: &(DateTime<Utc>, UsageId)| b.cmp(a);
+    blocks
+        .walk(conn, Walk::NewestFirst, |block| {
+            if newest.len() >= want && block.last_at < ts(newest[want - 1].0) {
+                return Ok(false);
+            }
+            newest.extend(
+                block
+                    .records
+                    .iter()
+                    .filter(|r| in_range(r))
+                    .map(|r| (r.created_at, r.id)),
+            );
+            if newest.len() >= want {
+                newest.sort_unstable_by(descending);
+                newest.truncate(want);
+            }
+            Ok(true)
+        })
+        .await?;
+    newest.sort_unstable_by(descending);
+    let (Some(&first), Some(&last)) = (newest.get(offset), newest.get(want - 1).or(newest.last()))
+    else {
+        return Ok((total, Vec::new()));
+    };
+    // The page itself: the records between those bounds.
+    let mut page: Vec<UsageRecord> = Vec::with_capacity(limit);
+    Blocks {
+        reaches: Some(ts(last.0)),
+        starts_before: Some(ts(first.0).saturating_add(1)),
+        ..blocks
+    }
+    .walk(conn, Walk::NewestFirst, |block| {
+        page.extend(block.records.into_iter().filter(|r| {
+            let at = (r.created_at, r.id);
+            in_range(r) && last <= at && at <= first
+        }));
+        Ok(true)
+    })
+    .await?;
+    page.sort_unstable_by(newest_first);
+    Ok((total, page))
 }
 
 /// Every tenant's records in `[after, before)` that come after `from`,
