@@ -1235,20 +1235,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_usage(&self, tenant: &Tenant, filter: &UsageFilter) -> Result<Page<UsageRecord>> {
-        let (limit, offset) = limit_offset(&filter.page);
         // One read transaction: the total and the page see the same blocks.
         let mut tx = self.pool.begin().await.map_err(Error::store)?;
-        let (total, items) = blocks::list(
-            &mut tx,
-            &tenant.app_id,
-            &tenant.tenant_id,
-            filter.key_id,
-            filter.after,
-            filter.before,
-            usize::try_from(limit).unwrap_or(0),
-            usize::try_from(offset).unwrap_or(usize::MAX),
-        )
-        .await?;
+        let (total, items) = blocks::list(&mut tx, tenant, filter).await?;
         tx.commit().await.map_err(Error::store)?;
         Ok(Page { items, total })
     }

@@ -20,8 +20,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use super::{from_ts, get, ts};
 use crate::error::{Error, ResourceKind, Result};
 use crate::id::{KeyId, UsageId};
-use crate::model::{Metadata, UsageRecord};
-use crate::store::sql::{corrupt, db_error};
+use crate::model::{Metadata, Tenant, UsageFilter, UsageRecord};
+use crate::store::sql::{MAX_BATCH, corrupt, db_error};
 
 /// Blocks read per statement while walking them.
 const BLOCKS_PER_READ: i64 = 32;
@@ -285,28 +285,24 @@ fn oldest_first(a: &UsageRecord, b: &UsageRecord) -> std::cmp::Ordering {
     (a.created_at, a.id).cmp(&(b.created_at, b.id))
 }
 
-/// A tenant's records in `[after, before)`: the total, and the `limit`
-/// newest after skipping `offset`.
-#[allow(clippy::too_many_arguments)]
+/// The tenant's records that `filter` selects: the total, and its page,
+/// newest first.
 pub(super) async fn list(
     conn: &mut SqliteConnection,
-    app_id: &str,
-    tenant_id: &str,
-    key_id: Option<KeyId>,
-    after: Option<DateTime<Utc>>,
-    before: Option<DateTime<Utc>>,
-    limit: usize,
-    offset: usize,
+    tenant: &Tenant,
+    filter: &UsageFilter,
 ) -> Result<(u64, Vec<UsageRecord>)> {
-    let (after, before) = (after.map(ts), before.map(ts));
+    let limit = filter.page.limit.min(MAX_BATCH) as usize;
+    let offset = usize::try_from(filter.page.offset).unwrap_or(usize::MAX);
+    let (after, before) = (filter.after.map(ts), filter.before.map(ts));
     let in_range = |r: &UsageRecord| {
         let at = ts(r.created_at);
         after.is_none_or(|a| at >= a) && before.is_none_or(|b| at < b)
     };
     let blocks = Blocks {
-        app_id: Some(app_id.to_owned()),
-        tenant_id: Some(tenant_id.to_owned()),
-        key_id: key_id.map(|k| k.to_string()),
+        app_id: Some(tenant.app_id.clone()),
+        tenant_id: Some(tenant.tenant_id.clone()),
+        key_id: filter.key_id.map(|k| k.to_string()),
         reaches: after,
         starts_before: before,
         ..Blocks::default()
