@@ -209,6 +209,32 @@ impl Entry {
     fn host(&self) -> std::sync::MutexGuard<'_, Hosted> {
         self.host.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// What validation reads.
+    pub(crate) fn found(&self) -> &Found {
+        &self.found
+    }
+
+    /// Runs `f` on `key`'s limits record held by this entry (moved here with
+    /// `take` at first use) when this entry may hold it; else on `None`, and
+    /// the caller uses the limiter's own record. Call it under the shard's
+    /// read lock (see [`ValidationCache::with_limits`]).
+    pub(crate) fn with_record<R>(
+        &self,
+        key: &KeyId,
+        take: impl FnOnce() -> Record,
+        f: impl FnOnce(Option<&mut Record>) -> R,
+    ) -> R {
+        if !self.may_hold_limits(key) {
+            return f(None);
+        }
+        let mut host = self.host();
+        if !host.held {
+            host.record = take();
+            host.held = true;
+        }
+        f(Some(&mut host.record))
+    }
 }
 
 /// Where an entry's limits record goes when the entry is dropped.
@@ -426,16 +452,21 @@ impl ValidationCache {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         match shard.get(hash) {
-            Some((entry, _)) if entry.may_hold_limits(key) => {
-                let mut host = entry.host();
-                if !host.held {
-                    host.record = take();
-                    host.held = true;
-                }
-                f(Some(&mut host.record))
-            }
-            _ => f(None),
+            Some((entry, _)) => entry.with_record(key, take, f),
+            None => f(None),
         }
+    }
+
+    /// Runs `read` on the live entry of a found key for `hash`, under its
+    /// shard's read lock: validation checks the key and counts its limits in
+    /// one visit. `None` when the cache holds no live found entry for it.
+    pub(crate) fn read_found<T>(
+        &self,
+        hash: &SecretHash,
+        now: i64,
+        read: impl FnOnce(&Entry) -> T,
+    ) -> Option<T> {
+        self.found.get(hash, now, self.ttl(true), read)
     }
 
     /// Runs `f` on every limits record the cache's entries hold.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::cache::{CacheOptions, ChangeFeed, Found, Invalidation, ValidationCache};
+use crate::cache::{CacheOptions, ChangeFeed, Entry, Found, Invalidation, ValidationCache};
 use crate::clock::{Clock, SystemClock, store_precision};
 use crate::duration;
 use crate::error::{Error, Result};
@@ -381,6 +381,28 @@ impl Drop for Inner {
     }
 }
 
+/// A validation's outcome: the valid key with its `last_used_at` (Unix
+/// microseconds), or the refusal with the key when there is one.
+type Outcome = std::result::Result<(Validation, i64), (Error, Option<Arc<ApiKey>>)>;
+
+/// What a validation found in the cache's entry (see `Engine::check_cached`).
+enum Cached {
+    /// Checked, and limited when the policy limits.
+    Done(Outcome),
+    /// Refused by a rate limit or quota, its hook still to fire.
+    Limited(Validation, Error),
+    /// Checked; its limits still to count, the long way.
+    Pending(Validation, i64),
+}
+
+/// A placeholder for the quota windows' buffer.
+const UNUSED_WINDOW: QuotaWindow = QuotaWindow {
+    period: crate::model::UsagePeriod::Day,
+    start: DateTime::UNIX_EPOCH,
+    end: DateTime::UNIX_EPOCH,
+    limit: 0,
+};
+
 /// The engine's rate limiter: the in-process default (the engine's
 /// `local`), or one it was given.
 #[derive(Debug)]
@@ -732,19 +754,40 @@ impl Engine {
         // 2. Hash, then the cache or the store (current secret, else a
         // rotated one).
         let hash = SecretHash::of(raw_key);
-        let found = self.lookup(&hash, now).await?;
-        let outcome = self.check(found, request, now);
-        // 6. Rate limit and 7. quota, for keys that passed everything else.
-        let outcome = match outcome {
-            Ok((mut valid, last_used))
-                if valid.policy.as_ref().is_some_and(|p| p.limits().any()) =>
-            {
+        // A key the cache holds is checked, and its limits counted in
+        // process, in one visit of its entry under its shard's read lock.
+        let cached =
+            self.inner.cache.as_deref().and_then(|cache| {
+                cache.read_found(&hash, now, |e| self.check_cached(e, request, now))
+            });
+        let outcome = match cached {
+            Some(Cached::Done(outcome)) => outcome,
+            Some(Cached::Limited(valid, refusal)) => {
+                self.limits_refused(&valid.key, &refusal).await;
+                Err((refusal, Some(valid.key)))
+            }
+            Some(Cached::Pending(mut valid, last_used)) => {
                 match self.enforce_limits(&mut valid, &hash, request, now).await? {
                     None => Ok((valid, last_used)),
                     Some(refusal) => Err((refusal, Some(valid.key))),
                 }
             }
-            other => other,
+            None => {
+                let found = self.lookup(&hash, now).await?;
+                match self.check(found, request, now) {
+                    // 6. Rate limit and 7. quota, for keys that passed
+                    // everything else.
+                    Ok((mut valid, last_used))
+                        if valid.policy.as_ref().is_some_and(|p| p.limits().any()) =>
+                    {
+                        match self.enforce_limits(&mut valid, &hash, request, now).await? {
+                            None => Ok((valid, last_used)),
+                            Some(refusal) => Err((refusal, Some(valid.key))),
+                        }
+                    }
+                    other => other,
+                }
+            }
         };
         match outcome {
             Ok((valid, last_used)) => {
@@ -780,13 +823,7 @@ impl Engine {
     /// already compared in constant time), with the key's `last_used_at`
     /// (Unix microseconds) for the write-behind. A denial carries the key,
     /// when there is one, for the hooks.
-    #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        found: Option<Found>,
-        request: &RequestContext,
-        now: i64,
-    ) -> std::result::Result<(Validation, i64), (Error, Option<Arc<ApiKey>>)> {
+    fn check(&self, found: Option<Found>, request: &RequestContext, now: i64) -> Outcome {
         let Some(found) = found else {
             return Err((Error::InvalidKey, None));
         };
@@ -838,11 +875,140 @@ impl Engine {
         Ok((valid, found.last_used_us))
     }
 
+    /// Steps 3 to 5 on a cache entry, then 6 and 7 when they can be done in
+    /// process on the record the entry holds; under the entry's shard read
+    /// lock, so nothing here waits (hooks fire after).
+    fn check_cached(&self, entry: &Entry, request: &RequestContext, now: i64) -> Cached {
+        match self.check(Some(entry.found().clone()), request, now) {
+            Ok((mut valid, last_used))
+                if valid.policy.as_ref().is_some_and(|p| p.limits().any()) =>
+            {
+                let id = valid.key.id;
+                let limiter = &self.inner.local;
+                let step = entry.with_record(
+                    &id,
+                    || limiter.take_record(&id),
+                    |record| {
+                        record.and_then(|r| self.limits_in_process(&mut valid, r, request, now))
+                    },
+                );
+                match step {
+                    Some(None) => Cached::Done(Ok((valid, last_used))),
+                    Some(Some(refusal)) => Cached::Limited(valid, refusal),
+                    None => Cached::Pending(valid, last_used),
+                }
+            }
+            other => Cached::Done(other),
+        }
+    }
+
+    /// Steps 6 and 7 wholly in process, on the key's limits `record`: when
+    /// the rate limiter and the quota counts the policy needs are both the
+    /// engine's own in process, and the record holds the quota windows'
+    /// counts. `None`, with nothing counted, otherwise
+    /// ([`enforce_limits`](Self::enforce_limits) goes the long way);
+    /// `Some(Some(refusal))` when refused (its hook not fired yet).
+    fn limits_in_process(
+        &self,
+        valid: &mut Validation,
+        record: &mut local::Record,
+        request: &RequestContext,
+        now_us: i64,
+    ) -> Option<Option<Error>> {
+        let Validation {
+            policy: Some(policy),
+            rate_limit,
+            quota,
+            ..
+        } = valid
+        else {
+            return Some(None);
+        };
+        let limits = policy.limits();
+        let in_process = (limits.rate.is_none() || matches!(self.inner.rate_limiter, Rates::Local))
+            && (limits.quota.is_none() || matches!(self.inner.quota_counter, Quotas::Local));
+        if !in_process {
+            return None;
+        }
+        let mut buf = [UNUSED_WINDOW; 2];
+        let windows = limits.quota.map(|q| q.windows_at(now_us, &mut buf));
+        if windows.is_some_and(|w| !local::holds(record, w)) {
+            return None;
+        }
+        let cost = request.cost.max(1);
+        let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
+        let decision = match &limits.rate {
+            Some((_, plan)) => {
+                let (state, decision) = local::check_in(record, plan, windows, cost, local_now);
+                *rate_limit = Some(state);
+                if !state.allowed {
+                    let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
+                    return Some(Some(Error::RateLimited { retry_after, state }));
+                }
+                decision
+            }
+            None => windows.and_then(|w| local::count_now_in(record, w, cost, local_now)),
+        };
+        if let Some(decision) = decision {
+            if !decision.allowed {
+                let resets_at = decision
+                    .resets_at()
+                    .unwrap_or_else(|| DateTime::from_timestamp_micros(now_us).unwrap_or_default());
+                return Some(Some(Error::QuotaExceeded { resets_at }));
+            }
+            *quota = decision.windows;
+        }
+        Some(None)
+    }
+
+    /// The hooks of a refusal by a rate limit or quota.
+    async fn limits_refused(&self, key: &ApiKey, refusal: &Error) {
+        match refusal {
+            Error::RateLimited { .. } => {
+                run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(key));
+            }
+            Error::QuotaExceeded { .. } => {
+                run_hooks!(self.hooks(), "quota_exceeded", |h| h.quota_exceeded(key));
+            }
+            _ => {}
+        }
+    }
+
     /// Steps 6 (rate limit) and 7 (quota) on an accepted validation: its
-    /// limits' states are filled in, or the refusal returned. A refused
-    /// request consumes no quota; a limiter or counter failure is an error,
-    /// never a pass.
+    /// limits' states are filled in, or the refusal returned (its hook
+    /// fired). A refused request consumes no quota; a limiter or counter
+    /// failure is an error, never a pass.
     async fn enforce_limits(
+        &self,
+        valid: &mut Validation,
+        hash: &SecretHash,
+        request: &RequestContext,
+        now_us: i64,
+    ) -> Result<Option<Error>> {
+        let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
+        let id = valid.key.id;
+        // Wholly in process, in one step on the key's record, when it can be.
+        let in_process = self.on_limits_record(hash, &id, local_now, |record| {
+            self.limits_in_process(valid, record, request, now_us)
+        });
+        let refusal = match in_process {
+            Some(done) => done,
+            None => {
+                self.limits_the_long_way(valid, hash, request, now_us)
+                    .await?
+            }
+        };
+        if let Some(refusal) = &refusal {
+            self.limits_refused(&valid.key, refusal).await;
+        }
+        Ok(refusal)
+    }
+
+    /// Steps 6 and 7 when [`limits_in_process`](Self::limits_in_process)
+    /// cannot do them: the rate limit through the configured limiter (or in
+    /// process), then the quotas through the store, the configured counter,
+    /// or in process after loading the windows' counts.
+    async fn limits_the_long_way(
         &self,
         valid: &mut Validation,
         hash: &SecretHash,
@@ -863,58 +1029,35 @@ impl Engine {
         let limits = policy.limits();
         let now = || DateTime::from_timestamp_micros(now_us).unwrap_or_default();
         let cost = request.cost.max(1);
-        let unused = QuotaWindow {
-            period: crate::model::UsagePeriod::Day,
-            start: DateTime::UNIX_EPOCH,
-            end: DateTime::UNIX_EPOCH,
-            limit: 0,
-        };
-        let mut buf = [unused; 2];
-        let windows = limits.quota.map(|q| q.windows_at(now_us, &mut buf));
         let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
-        let mut counted = None;
         if let Some((spec, plan)) = &limits.rate {
             let state = match &self.inner.rate_limiter {
-                // With quotas counted in process too: one record, one step.
-                Rates::Local => {
-                    let windows =
-                        windows.filter(|_| matches!(self.inner.quota_counter, Quotas::Local));
-                    let (state, decision) = self.on_limits_record(hash, key, local_now, |r| {
-                        local::check_in(r, plan, windows, cost, local_now)
-                    });
-                    counted = decision;
-                    state
-                }
+                Rates::Local => self.on_limits_record(hash, &key.id, local_now, |r| {
+                    local::check_in(r, plan, None, cost, local_now).0
+                }),
                 Rates::Custom(limiter) => limiter.check(&key.id, spec, cost).await?,
             };
             *rate_limit = Some(state);
             if !state.allowed {
-                run_hooks!(self.hooks(), "rate_limited", |h| h.rate_limited(key));
                 let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
                 return Ok(Some(Error::RateLimited { retry_after, state }));
             }
         }
-        if let (Some(spec), Some(windows)) = (&limits.quota, windows) {
+        let mut buf = [UNUSED_WINDOW; 2];
+        if let (Some(spec), Some(windows)) = (
+            &limits.quota,
+            limits.quota.map(|q| q.windows_at(now_us, &mut buf)),
+        ) {
             let id = &key.id;
-            if let (None, None, Quotas::Local) = (&limits.rate, &counted, &self.inner.quota_counter)
-            {
-                // Quotas alone, counted in process: one step, as next to a
-                // rate limit; `count_locally` only when counts must be loaded.
-                counted = self.on_limits_record(hash, key, local_now, |record| {
-                    local::count_now_in(record, windows, cost, local_now)
-                });
-            }
-            let decision = match (counted, &self.inner.quota_counter) {
-                (Some(decision), _) => decision,
-                (None, Quotas::Store) => self.inner.store.consume_quota(id, windows, cost).await?,
-                (None, Quotas::Local) => {
-                    self.count_locally(hash, key, windows, cost, local_now)
+            let decision = match &self.inner.quota_counter {
+                Quotas::Store => self.inner.store.consume_quota(id, windows, cost).await?,
+                Quotas::Local => {
+                    self.count_locally(hash, id, windows, cost, local_now)
                         .await?
                 }
-                (None, Quotas::Custom(counter)) => counter.consume(id, spec, cost, now()).await?,
+                Quotas::Custom(counter) => counter.consume(id, spec, cost, now()).await?,
             };
             if !decision.allowed {
-                run_hooks!(self.hooks(), "quota_exceeded", |h| h.quota_exceeded(key));
                 let resets_at = decision.resets_at().unwrap_or_else(now);
                 return Ok(Some(Error::QuotaExceeded { resets_at }));
             }
@@ -930,15 +1073,14 @@ impl Engine {
     async fn count_locally(
         &self,
         hash: &SecretHash,
-        key: &ApiKey,
+        id: &KeyId,
         windows: &[QuotaWindow],
         cost: u64,
         now: u64,
     ) -> Result<QuotaDecision> {
         let local = &self.inner.local;
-        let id = &key.id;
         for _ in 0..3 {
-            let counted = self.on_limits_record(hash, key, now, |record| {
+            let counted = self.on_limits_record(hash, id, now, |record| {
                 local::count_now_in(record, windows, cost, now)
             });
             if let Some(decision) = counted {
@@ -947,7 +1089,7 @@ impl Engine {
             // Reads the counts (a zero cost counts nothing).
             let stored = self.inner.store.consume_quota(id, windows, 0).await?;
             let used: Vec<u64> = stored.windows.iter().map(|w| w.used).collect();
-            self.on_limits_record(hash, key, now, |record| {
+            self.on_limits_record(hash, id, now, |record| {
                 local.seed_in(id, record, windows, &used)
             });
         }
@@ -963,7 +1105,7 @@ impl Engine {
     fn on_limits_record<R>(
         &self,
         hash: &SecretHash,
-        key: &ApiKey,
+        id: &KeyId,
         now: u64,
         f: impl FnOnce(&mut local::Record) -> R,
     ) -> R {
@@ -971,14 +1113,14 @@ impl Engine {
         match self.inner.cache.as_deref() {
             Some(cache) => cache.with_limits(
                 hash,
-                &key.id,
-                || limiter.take_record(&key.id),
+                id,
+                || limiter.take_record(id),
                 |held| match held {
                     Some(record) => f(record),
-                    None => limiter.with_record(&key.id, now, f),
+                    None => limiter.with_record(id, now, f),
                 },
             ),
-            None => limiter.with_record(&key.id, now, f),
+            None => limiter.with_record(id, now, f),
         }
     }
 

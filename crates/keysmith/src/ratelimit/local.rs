@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Datelike, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use foldhash::fast::RandomState;
 use governor::clock::{Clock, DefaultClock, Reference};
 
@@ -33,8 +33,8 @@ use crate::model::UsagePeriod;
 /// A quota window's count, kept in process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Count {
-    /// The window: days since the Unix epoch, or months since year 0.
-    window: i32,
+    /// The window, by its first day (a window starts at midnight UTC).
+    window: NaiveDate,
     /// The window's count: the store's when it was loaded, plus every unit
     /// counted here since.
     used: u64,
@@ -64,7 +64,7 @@ pub(crate) struct Record {
 }
 
 const NO_COUNT: Count = Count {
-    window: i32::MIN,
+    window: NaiveDate::MIN,
     used: 0,
     unflushed: 0,
 };
@@ -88,7 +88,8 @@ const PERIODS: [UsagePeriod; 2] = [UsagePeriod::Day, UsagePeriod::Month];
 
 /// Moves `count`'s unflushed units (of `key`'s `period`) into `into`.
 fn take_units(key: &KeyId, period: UsagePeriod, count: &mut Count, into: &mut Unflushed) {
-    if let (true, Some(start)) = (count.unflushed > 0, window_start(period, count.window)) {
+    if count.unflushed > 0 {
+        let start = count.window.and_time(NaiveTime::MIN).and_utc();
         into.push((*key, period, start, count.unflushed));
         count.unflushed = 0;
     }
@@ -101,24 +102,9 @@ fn slot(period: UsagePeriod) -> usize {
     }
 }
 
-/// A window's number (see [`Count::window`]).
-fn window_number(w: &QuotaWindow) -> i32 {
-    match w.period {
-        UsagePeriod::Day => i32::try_from(w.start.timestamp().div_euclid(86_400)).unwrap_or(0),
-        UsagePeriod::Month => w.start.year() * 12 + i32::try_from(w.start.month0()).unwrap_or(0),
-    }
-}
-
-/// The first instant of a window from its number.
-fn window_start(period: UsagePeriod, window: i32) -> Option<DateTime<Utc>> {
-    match period {
-        UsagePeriod::Day => DateTime::from_timestamp(i64::from(window) * 86_400, 0),
-        UsagePeriod::Month => {
-            let month = u32::try_from(window.rem_euclid(12)).ok()? + 1;
-            Utc.with_ymd_and_hms(window.div_euclid(12), month, 1, 0, 0, 0)
-                .single()
-        }
-    }
+/// A window's first day (see [`Count::window`]): read, not computed.
+fn window_of(w: &QuotaWindow) -> NaiveDate {
+    w.start.naive_utc().date()
 }
 
 type Shard = Mutex<HashMap<KeyId, Record, RandomState>>;
@@ -450,9 +436,9 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
     ) {
         let mut pending = self.pending();
         for (w, &used) in windows.iter().zip(used) {
-            let number = window_number(w);
+            let window = window_of(w);
             let held = &mut record.counts[slot(w.period)];
-            if held.window == number {
+            if held.window == window {
                 continue;
             }
             take_units(key, w.period, held, &mut pending);
@@ -464,7 +450,7 @@ impl<C: Clock + Clone> LocalRateLimiter<C> {
                 .map(|p| p.3)
                 .sum();
             *held = Count {
-                window: number,
+                window,
                 used: used.saturating_add(waiting),
                 unflushed: 0,
             };
@@ -535,13 +521,21 @@ pub(crate) fn count_now_in(
     count_in(record, windows, cost)
 }
 
+/// Whether `record` holds the counts of every window (else they are loaded
+/// from the store first).
+pub(crate) fn holds(record: &Record, windows: &[QuotaWindow]) -> bool {
+    windows
+        .iter()
+        .all(|w| record.counts[slot(w.period)].window == window_of(w))
+}
+
 /// Counts `cost` in every window of `record` if all fit (`None` when one is
 /// not held).
 fn count_in(record: &mut Record, windows: &[QuotaWindow], cost: u64) -> Option<QuotaDecision> {
     let mut used = [0u64; 2];
     for (w, used) in windows.iter().zip(used.iter_mut()) {
         let count = &record.counts[slot(w.period)];
-        if count.window != window_number(w) {
+        if count.window != window_of(w) {
             return None;
         }
         *used = count.used;

@@ -147,33 +147,26 @@ impl QuotaSpec {
         buf: &'a mut [QuotaWindow; 2],
     ) -> &'a [QuotaWindow] {
         thread_local! {
-            static CALENDAR: std::cell::Cell<Calendar> = const {
-                std::cell::Cell::new(Calendar::NONE)
+            static CALENDAR: std::cell::RefCell<Calendar> = const {
+                std::cell::RefCell::new(Calendar::NONE)
             };
         }
-        // The day held is checked by its bounds: two comparisons, no division.
-        let mut calendar = CALENDAR.get();
-        if !(calendar.day_us.0 <= now_us && now_us < calendar.day_us.1) {
-            let Some(now) = DateTime::from_timestamp_micros(now_us) else {
-                return &buf[..0];
-            };
-            let day = period_bounds(UsagePeriod::Day, now);
-            calendar = Calendar {
-                day_us: (day.0.timestamp_micros(), day.1.timestamp_micros()),
-                bounds: [day, period_bounds(UsagePeriod::Month, now)],
-            };
-            CALENDAR.set(calendar);
-        }
-        let mut n = 0;
-        for (i, (period, limit)) in [
-            (UsagePeriod::Day, self.daily),
-            (UsagePeriod::Month, self.monthly),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if let Some(limit) = limit {
-                let (start, end) = calendar.bounds[i];
+        // Read in place (a copy of the whole calendar cost a stalled load).
+        let n = CALENDAR.with_borrow_mut(|calendar| {
+            // The day held is checked by its bounds: two comparisons, no
+            // division.
+            if !(calendar.day_us.0 <= now_us && now_us < calendar.day_us.1) {
+                let Some(now) = DateTime::from_timestamp_micros(now_us) else {
+                    return 0;
+                };
+                let day = period_bounds(UsagePeriod::Day, now);
+                *calendar = Calendar {
+                    day_us: (day.0.timestamp_micros(), day.1.timestamp_micros()),
+                    bounds: [day, period_bounds(UsagePeriod::Month, now)],
+                };
+            }
+            let mut n = 0;
+            let mut add = |period, (start, end), limit| {
                 buf[n] = QuotaWindow {
                     period,
                     start,
@@ -181,8 +174,15 @@ impl QuotaSpec {
                     limit,
                 };
                 n += 1;
+            };
+            if let Some(limit) = self.daily {
+                add(UsagePeriod::Day, calendar.bounds[0], limit);
             }
-        }
+            if let Some(limit) = self.monthly {
+                add(UsagePeriod::Month, calendar.bounds[1], limit);
+            }
+            n
+        });
         &buf[..n]
     }
 

@@ -2074,6 +2074,12 @@ impl Hook for Recorder {
     async fn key_create_failed(&self, failure: Failure<'_>) -> HookResult {
         self.note(&format!("create_failed({})", failure.error.code()))
     }
+    async fn rate_limited(&self, _key: &ApiKey) -> HookResult {
+        self.note("rate_limited")
+    }
+    async fn quota_exceeded(&self, _key: &ApiKey) -> HookResult {
+        self.note("quota_exceeded")
+    }
     async fn key_validated(&self, _key: &ApiKey) -> HookResult {
         self.note("validated")
     }
@@ -2630,17 +2636,30 @@ pub async fn engine_usage_is_checked_and_recorded(store: Arc<dyn Store>) {
     ));
 }
 
+/// Rate limits and quotas, as a service runs them (the validation cache,
+/// counts in process) and without either (counts in the store).
 pub async fn engine_rate_limits_and_quotas(store: Arc<dyn Store>) {
+    for cached in [false, true] {
+        rate_limits_and_quotas(store.clone(), cached).await;
+    }
+}
+
+async fn rate_limits_and_quotas(store: Arc<dyn Store>, cached: bool) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let clock = Arc::new(ManualClock::new(t0() + chrono::Duration::hours(23)));
-    let engine = Engine::builder(store)
+    let mut builder = Engine::builder(store)
         .clock(clock.clone())
         .hook(Arc::new(Recorder {
             label: "h",
             fail: false,
             log: log.clone(),
-        }))
-        .build();
+        }));
+    if cached {
+        builder = builder
+            .cache(crate::cache::CacheOptions::default())
+            .local_quota_counts();
+    }
+    let engine = builder.build();
     let tenant = tenant();
     let limited = engine
         .create_policy(
@@ -2736,6 +2755,12 @@ pub async fn engine_rate_limits_and_quotas(store: Arc<dyn Store>) {
             .filter(|e| *e == "h:validation_failed(rate_limited)")
             .count(),
         0
+    );
+    let count = |event: &str| fired.iter().filter(|e| *e == event).count();
+    assert_eq!(
+        (count("h:rate_limited"), count("h:quota_exceeded")),
+        (1, 2),
+        "each refusal by a limit fires its hook once (cached: {cached})"
     );
     assert!(fired.iter().any(|e| e.starts_with("h:validated")));
 }
