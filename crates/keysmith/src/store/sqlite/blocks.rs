@@ -273,16 +273,53 @@ impl Blocks {
             }
         }
     }
+
+    /// The first `n` items, in `walk` order of their `(created_at, id)`
+    /// (`key`), of those `take` draws from each block: blocks are walked
+    /// until no later one can hold an item that comes before the `n`th kept.
+    async fn first_n<T>(
+        &self,
+        conn: &mut SqliteConnection,
+        walk: Walk,
+        n: usize,
+        key: impl Fn(&T) -> (DateTime<Utc>, UsageId),
+        mut take: impl FnMut(Block, &mut Vec<T>),
+    ) -> Result<Vec<T>> {
+        let mut kept: Vec<T> = Vec::new();
+        if n == 0 {
+            return Ok(kept);
+        }
+        let order = |a: &T, b: &T| match walk {
+            Walk::NewestFirst => key(b).cmp(&key(a)),
+            Walk::OldestFirst => key(a).cmp(&key(b)),
+        };
+        self.walk(conn, walk, |block| {
+            if let Some(nth) = kept.get(n - 1) {
+                let bound = ts(key(nth).0);
+                let beyond = match walk {
+                    Walk::NewestFirst => block.last_at < bound,
+                    Walk::OldestFirst => block.first_at > bound,
+                };
+                if beyond {
+                    return Ok(false);
+                }
+            }
+            take(block, &mut kept);
+            if kept.len() >= n {
+                kept.sort_unstable_by(order);
+                kept.truncate(n);
+            }
+            Ok(true)
+        })
+        .await?;
+        kept.sort_unstable_by(order);
+        Ok(kept)
+    }
 }
 
 /// Newest first: `created_at`, then id, both descending.
 fn newest_first(a: &UsageRecord, b: &UsageRecord) -> std::cmp::Ordering {
     (b.created_at, b.id).cmp(&(a.created_at, a.id))
-}
-
-/// Oldest first.
-fn oldest_first(a: &UsageRecord, b: &UsageRecord) -> std::cmp::Ordering {
-    (a.created_at, a.id).cmp(&(b.created_at, b.id))
 }
 
 /// The tenant's records that `filter` selects: the total, and its page,
@@ -339,28 +376,23 @@ pub(super) async fn list(
     // records (only those, not the records), from the newest blocks until no
     // block left can hold a newer record than the last of them.
     let want = offset.saturating_add(limit);
-    let mut newest: Vec<(DateTime<Utc>, UsageId)> = Vec::new();
-    let descending = |a: &(DateTime<Utc>, UsageId), b: &(DateTime<Utc>, UsageId)| b.cmp(a);
-    blocks
-        .walk(conn, Walk::NewestFirst, |block| {
-            if newest.len() >= want && block.last_at < ts(newest[want - 1].0) {
-                return Ok(false);
-            }
-            newest.extend(
-                block
-                    .records
-                    .iter()
-                    .filter(|r| in_range(r))
-                    .map(|r| (r.created_at, r.id)),
-            );
-            if newest.len() >= want {
-                newest.sort_unstable_by(descending);
-                newest.truncate(want);
-            }
-            Ok(true)
-        })
+    let newest = blocks
+        .first_n(
+            conn,
+            Walk::NewestFirst,
+            want,
+            |k| *k,
+            |block, kept| {
+                kept.extend(
+                    block
+                        .records
+                        .iter()
+                        .filter(|r| in_range(r))
+                        .map(|r| (r.created_at, r.id)),
+                );
+            },
+        )
         .await?;
-    newest.sort_unstable_by(descending);
     let (Some(&first), Some(&last)) = (newest.get(offset), newest.get(want - 1).or(newest.last()))
     else {
         return Ok((total, Vec::new()));
@@ -404,24 +436,15 @@ pub(super) async fn between(
         starts_before: Some(ts(before)),
         ..Blocks::default()
     };
-    let mut found: Vec<UsageRecord> = Vec::new();
-    if limit > 0 {
-        blocks
-            .walk(conn, Walk::OldestFirst, |block| {
-                if found.len() >= limit && block.first_at > ts(found[limit - 1].created_at) {
-                    return Ok(false);
-                }
-                found.extend(block.records.into_iter().filter(|r| wanted(r)));
-                if found.len() >= limit {
-                    found.sort_unstable_by(oldest_first);
-                    found.truncate(limit);
-                }
-                Ok(true)
-            })
-            .await?;
-    }
-    found.sort_unstable_by(oldest_first);
-    Ok(found)
+    blocks
+        .first_n(
+            conn,
+            Walk::OldestFirst,
+            limit,
+            |r: &UsageRecord| (r.created_at, r.id),
+            |block, kept| kept.extend(block.records.into_iter().filter(|r| wanted(r))),
+        )
+        .await
 }
 
 /// Deletes the `limit` oldest records created before `cutoff`: blocks left
@@ -436,15 +459,15 @@ pub(super) async fn purge(
         ..Blocks::default()
     };
     // The candidates, oldest first, with their block.
-    let mut doomed: Vec<(DateTime<Utc>, UsageId, i64)> = Vec::new();
     let mut touched: HashMap<i64, Block> = HashMap::new();
-    if limit > 0 {
-        blocks
-            .walk(conn, Walk::OldestFirst, |block| {
-                if doomed.len() >= limit && block.first_at > ts(doomed[limit - 1].0) {
-                    return Ok(false);
-                }
-                doomed.extend(
+    let doomed = blocks
+        .first_n(
+            conn,
+            Walk::OldestFirst,
+            limit,
+            |d: &(DateTime<Utc>, UsageId, i64)| (d.0, d.1),
+            |block, kept| {
+                kept.extend(
                     block
                         .records
                         .iter()
@@ -452,16 +475,9 @@ pub(super) async fn purge(
                         .map(|r| (r.created_at, r.id, block.id)),
                 );
                 touched.insert(block.id, block);
-                if doomed.len() >= limit {
-                    doomed.sort_unstable();
-                    doomed.truncate(limit);
-                }
-                Ok(true)
-            })
-            .await?;
-    }
-    doomed.sort_unstable();
-    doomed.truncate(limit);
+            },
+        )
+        .await?;
     let mut per_block: HashMap<i64, std::collections::HashSet<UsageId>> = HashMap::new();
     for (_, id, block) in &doomed {
         per_block.entry(*block).or_default().insert(*id);
