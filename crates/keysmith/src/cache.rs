@@ -488,16 +488,13 @@ impl ValidationCache {
         if found { found_ttl } else { unknown_ttl }
     }
 
-    /// `Some(found)` on a live entry (`Some(None)`: known not to exist);
+    /// Whether `hash` is remembered as not existing (a live entry on the
+    /// unknown side; the found side is read by [`read_found`](Self::read_found));
     /// `now` in Unix microseconds.
-    pub(crate) fn get(&self, hash: &SecretHash, now: i64) -> Option<Option<Found>> {
-        if let Some(found) = self
-            .found
-            .get(hash, now, self.ttl(true), |e| e.found.clone())
-        {
-            return Some(Some(found));
-        }
-        self.unknown.get(hash, now, self.ttl(false), |()| None)
+    pub(crate) fn known_unknown(&self, hash: &SecretHash, now: i64) -> bool {
+        self.unknown
+            .get(hash, now, self.ttl(false), |()| ())
+            .is_some()
     }
 
     /// The generation to hand back to [`insert`](Self::insert) after the
@@ -641,17 +638,17 @@ mod tests {
         let before = cache.generation();
         cache.invalidate(Invalidation::KeyCreated);
         cache.insert(hash, None, now, before);
-        assert!(cache.get(&hash, now).is_none(), "raced a creation");
+        assert!(!cache.known_unknown(&hash, now), "raced a creation");
         let before = cache.generation();
         cache.invalidate(Invalidation::All);
         cache.insert(hash, None, now, before);
-        assert!(cache.get(&hash, now).is_none(), "raced a change");
+        assert!(!cache.known_unknown(&hash, now), "raced a change");
         cache.insert(hash, None, now, cache.generation());
-        assert_eq!(cache.get(&hash, now).map(|f| f.is_none()), Some(true));
+        assert!(cache.known_unknown(&hash, now));
         // Disconnected from its feed, entries live at most the degraded TTL.
         cache.set_fresh(false);
         let later = now + 1_000_000;
-        assert!(cache.get(&hash, later).is_none());
+        assert!(!cache.known_unknown(&hash, later));
     }
 
     #[test]

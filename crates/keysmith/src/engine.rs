@@ -709,13 +709,14 @@ impl Engine {
         }
     }
 
-    /// What validation finds for `hash` (checked: see [`Found::checked`]):
-    /// from the cache when it holds it, else from the store (and then
-    /// cached). `now` in Unix microseconds.
+    /// What validation finds for `hash` (checked: see [`Found::checked`])
+    /// when the cache holds no found entry for it (validation read that
+    /// side first): nothing when the cache remembers it as unknown, else
+    /// from the store (and then cached). `now` in Unix microseconds.
     async fn lookup(&self, hash: &SecretHash, now: i64) -> Result<Option<Found>> {
         let cache = self.inner.cache.as_deref();
-        if let Some(found) = cache.and_then(|c| c.get(hash, now)) {
-            return Ok(found);
+        if cache.is_some_and(|c| c.known_unknown(hash, now)) {
+            return Ok(None);
         }
         let generation = cache.map(ValidationCache::generation);
         let found = self.inner.store.lookup(hash).await?;
