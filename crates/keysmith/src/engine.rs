@@ -995,7 +995,7 @@ impl Engine {
         let refusal = match in_process {
             Some(done) => done,
             None => {
-                self.limits_the_long_way(valid, hash, request, now_us)
+                self.limits_the_long_way(valid, hash, request, now_us, local_now)
                     .await?
             }
         };
@@ -1015,6 +1015,7 @@ impl Engine {
         hash: &SecretHash,
         request: &RequestContext,
         now_us: i64,
+        local_now: u64,
     ) -> Result<Option<Error>> {
         // Disjoint borrows: the policy is read while the states are written.
         let Validation {
@@ -1030,7 +1031,6 @@ impl Engine {
         let limits = policy.limits();
         let now = || DateTime::from_timestamp_micros(now_us).unwrap_or_default();
         let cost = request.cost.max(1);
-        let local_now = self.inner.local.elapsed(EngineClock::instant(now_us));
         if let Some((spec, plan)) = &limits.rate {
             let state = match &self.inner.rate_limiter {
                 Rates::Local => self.on_limits_record(hash, &key.id, local_now, |r| {
