@@ -395,6 +395,21 @@ enum Cached {
     Pending(Validation, i64),
 }
 
+/// The refusal of a request over its rate limit.
+fn rate_limited(state: RateLimitState) -> Error {
+    let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
+    Error::RateLimited { retry_after, state }
+}
+
+/// The refusal of a request over a quota (`now_us`: when no window says
+/// when it resets).
+fn quota_exceeded(decision: &QuotaDecision, now_us: i64) -> Error {
+    let resets_at = decision
+        .resets_at()
+        .unwrap_or_else(|| DateTime::from_timestamp_micros(now_us).unwrap_or_default());
+    Error::QuotaExceeded { resets_at }
+}
+
 /// A placeholder for the quota windows' buffer.
 const UNUSED_WINDOW: QuotaWindow = QuotaWindow {
     period: crate::model::UsagePeriod::Day,
@@ -943,8 +958,7 @@ impl Engine {
                 let (state, decision) = local::check_in(record, plan, windows, cost, local_now);
                 *rate_limit = Some(state);
                 if !state.allowed {
-                    let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
-                    return Some(Some(Error::RateLimited { retry_after, state }));
+                    return Some(Some(rate_limited(state)));
                 }
                 decision
             }
@@ -952,10 +966,7 @@ impl Engine {
         };
         if let Some(decision) = decision {
             if !decision.allowed {
-                let resets_at = decision
-                    .resets_at()
-                    .unwrap_or_else(|| DateTime::from_timestamp_micros(now_us).unwrap_or_default());
-                return Some(Some(Error::QuotaExceeded { resets_at }));
+                return Some(Some(quota_exceeded(&decision, now_us)));
             }
             *quota = decision.windows;
         }
@@ -1040,8 +1051,7 @@ impl Engine {
             };
             *rate_limit = Some(state);
             if !state.allowed {
-                let retry_after = Duration::from_secs(state.retry_after_secs.unwrap_or(1));
-                return Ok(Some(Error::RateLimited { retry_after, state }));
+                return Ok(Some(rate_limited(state)));
             }
         }
         let mut buf = [UNUSED_WINDOW; 2];
@@ -1059,8 +1069,7 @@ impl Engine {
                 Quotas::Custom(counter) => counter.consume(id, spec, cost, now()).await?,
             };
             if !decision.allowed {
-                let resets_at = decision.resets_at().unwrap_or_else(now);
-                return Ok(Some(Error::QuotaExceeded { resets_at }));
+                return Ok(Some(quota_exceeded(&decision, now_us)));
             }
             *quota = decision.windows;
         }
