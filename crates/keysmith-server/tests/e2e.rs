@@ -15,6 +15,8 @@ struct Server {
     root_key: String,
     /// Everything the server wrote to stderr after starting.
     log: Arc<Mutex<String>>,
+    /// The thread that fills `log`; it ends when the server's stderr closes.
+    drain: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -104,7 +106,7 @@ fn start_with(database_url: &str, root_key: Option<&str>, env: &[(&str, &str)]) 
     // keep it, to check no raw key is ever logged.
     let log = Arc::new(Mutex::new(String::new()));
     let sink = log.clone();
-    std::thread::spawn(move || {
+    let drain = std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             let mut log = sink.lock().unwrap();
             log.push_str(&line);
@@ -116,6 +118,7 @@ fn start_with(database_url: &str, root_key: Option<&str>, env: &[(&str, &str)]) 
         address: address.unwrap(),
         root_key: root_key.expect("the first start prints a root key"),
         log,
+        drain: Some(drain),
     }
 }
 
@@ -241,6 +244,13 @@ fn stop(mut server: Server, secrets: &[String]) {
     assert!(status.success());
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+    // The server has exited, but its last lines may still be in the pipe:
+    // read them all before looking.
+    if let Some(drain) = server.drain.take() {
+        drain
+            .join()
+            .expect("the log drain ends with the server's stderr");
+    }
     let log = server.log.lock().unwrap().clone();
     assert!(log.contains("shutting down"), "the log was captured: {log}");
     for secret in secrets.iter().chain([&server.root_key]) {
